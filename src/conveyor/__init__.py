@@ -1,0 +1,1 @@
+"""conveyor: an asyncio-native job queue."""
