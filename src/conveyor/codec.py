@@ -80,7 +80,13 @@ class Codec:
                 f"cannot encode {found}; pass str, int, float, bool, None, list or dict "
                 "(convert other values yourself, e.g. datetime.isoformat())"
             )
-        data = self._encoder.encode(value)
+        try:
+            data = self._encoder.encode(value)
+        except (OverflowError, TypeError, msgspec.EncodeError) as exc:
+            # e.g. msgpack has no integers beyond 64 bits
+            raise UnencodablePayloadError(
+                f"cannot encode {what} as {self.format}: {exc}; pass smaller numbers or strings"
+            ) from None
         if len(data) > self.max_payload_bytes:
             raise PayloadTooLargeError(
                 f"{what} encodes to {len(data)} bytes, over the {self.max_payload_bytes}-byte cap; "
