@@ -5,9 +5,10 @@ Rules shared by all brokers (the conformance suite in :mod:`conveyor.testing.con
 * Each transition is atomic: one Lua script (Redis), one ``BEGIN IMMEDIATE`` transaction (SQLite),
   or one uninterrupted block on the event loop (memory).
 * Transitions that a worker makes on a running job present the :class:`~conveyor.job.Lease` that
-  :meth:`Broker.reserve` handed out. A stale token (the lease expired and the job was re-delivered,
-  or the job was cancelled or deleted) raises :class:`~conveyor.errors.LeaseLost`; a missing job
-  raises :class:`~conveyor.errors.JobNotFound`. Nothing changes in either case.
+  :meth:`Broker.reserve` handed out. A stale token (the lease expired and the job was requeued or
+  re-delivered, or the job was cancelled or otherwise left ``running``) raises
+  :class:`~conveyor.errors.LeaseLost`; a missing job (never enqueued, or deleted) raises
+  :class:`~conveyor.errors.JobNotFound`. Nothing changes in either case.
 * Time comes from the broker's :class:`~conveyor.clock.Clock` (epoch ms), so tests drive leases and
   schedules with a :class:`~conveyor.clock.FakeClock`.
 * Every state change, progress update and log line is published as a :class:`JobEvent`, in order per
@@ -101,7 +102,11 @@ class JobPage(msgspec.Struct):
 
 
 class LogPage(msgspec.Struct):
-    """A job's captured log lines (oldest first), and how many older lines were dropped by the cap."""
+    """A job's captured log lines (oldest first), and how many older lines were dropped by the cap.
+
+    ``total`` is the number of lines kept (what ``offset`` indexes), so lines ever appended is
+    ``total + dropped``.
+    """
 
     lines: list[str]
     dropped: int
@@ -387,9 +392,9 @@ class Broker(abc.ABC):
     async def set_progress(
         self, lease: Lease, progress: int | None = None, description: str | None = None
     ) -> None:
-        """Record a running job's progress (clamped to 0-100) and/or description (<= 1024 chars).
+        """Record a running job's progress (clamped to 0-100) and/or description.
 
-        Stale token: LeaseLost.
+        A description longer than 1024 chars is cut to 1024. Stale token: LeaseLost.
         """
 
     @abc.abstractmethod
@@ -444,7 +449,7 @@ class Broker(abc.ABC):
 
         With ``after`` (an event id seen before), events after it that are still retained are
         replayed first; without it, only new events arrive. The iterator never blocks the event
-        loop; close it (``aclose``) or cancel its consumer to stop.
+        loop; close it (``aclose``) or cancel its consumer to stop. It ends when the broker closes.
         """
 
 

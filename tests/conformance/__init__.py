@@ -1,0 +1,1 @@
+"""The broker conformance suite: written once, run against every broker."""
