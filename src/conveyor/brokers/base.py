@@ -1,6 +1,6 @@
 """The broker contract: every method is a job-state transition (or a read), enforced by every broker.
 
-Rules shared by all brokers (the conformance suite in :mod:`conveyor.testing.conformance` checks them):
+Rules shared by all brokers (the conformance suite in ``tests/conformance/`` checks every broker):
 
 * Each transition is atomic: one Lua script (Redis), one ``BEGIN IMMEDIATE`` transaction (SQLite),
   or one uninterrupted block on the event loop (memory).
