@@ -149,15 +149,42 @@ def error_for_code(code: int, *, action: str, job_id: str | None = None) -> Conv
     return cls(f"{where}: {base}")
 
 
+#: How each error surfaces at the service boundary: class -> (JSON-RPC application code, HTTP
+#: status). The one table for both faces of the API; the nearest listed class in an exception's
+#: MRO wins. The codes of the script/query errors are derived from :class:`ErrorCode`
+#: (-32000 + code), so a Lua script, a SQL transition and a JSON-RPC reply agree.
+API_ERRORS: dict[type[ConveyorError], tuple[int, int]] = {
+    JobNotFound: (-32000 + ErrorCode.JOB_NOT_FOUND, 404),
+    LeaseLost: (-32000 + ErrorCode.LEASE_LOST, 409),
+    InvalidTransition: (-32000 + ErrorCode.INVALID_TRANSITION, 409),
+    QueueLimitReached: (-32000 + ErrorCode.QUEUE_FULL, 429),
+    InvalidJobError: (-32000 + ErrorCode.INVALID_JOB, 422),
+    BrokerUnavailable: (-32010, 503),
+    BrokerReadOnly: (-32000, 503),
+    BrokerError: (-32000, 503),
+    PayloadTooLargeError: (-32011, 413),
+    PayloadError: (-32011, 422),
+    ConfigurationError: (-32012, 422),
+    TaskError: (-32012, 422),
+    JobTimeout: (-32000, 504),
+    JobFailed: (-32000, 409),
+    ConveyorError: (-32000, 500),
+}
+
+
+def _api_error(exc: BaseException) -> tuple[int, int]:
+    for cls in type(exc).__mro__:
+        found = API_ERRORS.get(cls)
+        if found is not None:
+            return found
+    return API_ERRORS[ConveyorError]
+
+
 def rpc_code(exc: BaseException) -> int:
-    """The JSON-RPC application error code for an exception (-32000 minus the error table's index)."""
-    for code, cls in _CODE_TO_ERROR.items():
-        if type(exc) is cls:
-            return -32000 + int(code)
-    if isinstance(exc, BrokerUnavailable):
-        return -32010
-    if isinstance(exc, PayloadError):
-        return -32011
-    if isinstance(exc, ConfigurationError | TaskError):
-        return -32012
-    return -32000
+    """The JSON-RPC application error code for an exception (from :data:`API_ERRORS`)."""
+    return _api_error(exc)[0]
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status for an exception (from :data:`API_ERRORS`); 500 for non-conveyor errors."""
+    return _api_error(exc)[1]
