@@ -38,7 +38,7 @@ def redis_server() -> Iterator[RedisServer | None]:
 
 @pytest.fixture
 def redis_url(redis_server: RedisServer | None) -> str:
-    """The URL of a Redis that this test may flush: the private server, or CONVEYOR_TEST_REDIS_URL."""
+    """A Redis URL this test may flush: the private server, or CONVEYOR_TEST_REDIS_URL."""
     if redis_server is None:
         return os.environ["CONVEYOR_TEST_REDIS_URL"]
     if not redis_server.running:  # a previous test stopped it and failed before restarting
@@ -64,9 +64,7 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def make_broker(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[Callable[..., Broker]]:
+def make_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     """Build (unconnected) brokers of a kind; ``make_broker(kind, **options)``."""
 
     def make(kind: str, **options: Any) -> Broker:
@@ -79,7 +77,7 @@ def make_broker(
             return open_broker(url, **options)
         raise ValueError(kind)
 
-    yield make
+    return make
 
 
 @pytest.fixture(params=BROKER_KINDS)

@@ -171,7 +171,7 @@ class Conveyor:
 
     @property
     def sync(self) -> SyncClient:
-        """A client for sync code (scripts, Flask, Django), driving this app on a background loop."""
+        """A client for sync code (scripts, Flask, Django) driving this app on a background loop."""
         if self._sync is None:
             from conveyor.sync import SyncClient
 

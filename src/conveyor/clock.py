@@ -1,4 +1,4 @@
-"""Time as conveyor sees it: a Clock protocol, the system clock, and a controllable fake for tests."""
+"""Time as conveyor sees it: a Clock protocol, the system clock, and a fake for tests."""
 
 from __future__ import annotations
 

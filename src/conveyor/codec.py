@@ -73,7 +73,7 @@ class Codec:
         self.max_payload_bytes = max_payload_bytes
 
     def check_value(self, value: Any, *, what: str) -> bytes:
-        """Encode ``value`` (named ``what`` in errors) after checking it round-trips; enforce the cap."""
+        """Encode ``value`` (``what`` names it in errors) once it is known to round-trip; cap it."""
         found = _find_unencodable(value, what)
         if found:
             raise UnencodablePayloadError(

@@ -1,4 +1,4 @@
-"""The job context a task may take as its first parameter: identity, progress, logs, cancellation."""
+"""The job context a task may take as first parameter: identity, progress, logs, cancellation."""
 
 from __future__ import annotations
 

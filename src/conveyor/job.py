@@ -87,7 +87,7 @@ class Transition(enum.StrEnum):
 
 
 _S = JobState
-#: transition -> (states it may start from, states it may lead to). ``None`` as a source means "new".
+#: transition -> (states it may start from, states it may lead to); a ``None`` source is "new".
 TRANSITIONS: Final[dict[Transition, tuple[frozenset[JobState | None], frozenset[JobState]]]] = {
     Transition.ENQUEUE: (frozenset({None}), frozenset({_S.PENDING, _S.QUEUED, _S.SCHEDULED})),
     Transition.START: (frozenset({_S.PENDING}), frozenset({_S.QUEUED, _S.SCHEDULED})),

@@ -20,7 +20,7 @@ from conveyor.job import FailureReason, Job, RetrySpec
 DEFAULT_MAX_ATTEMPTS: Final = 3
 
 
-class Retry(Exception):  # noqa: N818 - a signal raised by tasks, named like the action it asks for
+class Retry(Exception):
     """Raised by a task to ask for another attempt, optionally after ``delay_s`` seconds.
 
     The attempt is charged; once attempts are spent the job goes to dead letters as usual.
@@ -153,7 +153,7 @@ class RetryPolicy:
     # -- behaviour -------------------------------------------------------------------------------
 
     def delay_for(self, retry_number: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait before retry number ``retry_number`` (1 = the first retry), with jitter."""
+        """Seconds before retry number ``retry_number`` (1 = the first retry), with jitter."""
         spec = self.spec
         n = max(1, retry_number)
         if spec.kind == "fixed":

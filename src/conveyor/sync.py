@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from conveyor.errors import ConfigurationError
@@ -67,6 +67,18 @@ class SyncClient:
         except TimeoutError:
             future.cancel()
             raise
+
+    def call(self, fn: Callable[[Conveyor], Awaitable[T]]) -> T:
+        """Run ``fn(app)`` on the client's loop, with the app it drives there, and wait for it.
+
+        The way to use any async API of conveyor from sync code without a second implementation.
+        """
+
+        async def run() -> T:
+            await self._app.connect()
+            return await fn(self._app)
+
+        return self._run(run())
 
     def enqueue(
         self,
@@ -137,7 +149,7 @@ class SyncClient:
             return
         try:
             asyncio.run_coroutine_threadsafe(self._app.close(), self._loop).result(10)
-        except Exception:  # noqa: BLE001 - closing must not fail the caller; the loop ends anyway
+        except Exception:
             pass
         finally:
             self._closed = True

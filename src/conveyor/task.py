@@ -21,6 +21,7 @@ R = TypeVar("R")
 ExecutorKind = Literal["async", "thread", "process"]
 EXECUTOR_KINDS: tuple[ExecutorKind, ...] = ("async", "thread", "process")
 
+
 class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
     """How a task's jobs are enqueued and run (defaults for every job of the task).
 
@@ -84,7 +85,7 @@ class Task(Generic[P, R]):
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - the function's own doc
         return self.fn(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -166,7 +167,9 @@ class BoundCall(Generic[P, R]):
 
     def request(self, *args: P.args, **kwargs: P.kwargs) -> JobRequest:
         """A job with these options, ready for :meth:`Conveyor.enqueue_many`."""
-        return self.task.app.request(self.task, args=list(args), kwargs=dict(kwargs), **self.options)
+        return self.task.app.request(
+            self.task, args=list(args), kwargs=dict(kwargs), **self.options
+        )
 
 
 class TaskRegistry:
@@ -277,4 +280,3 @@ def is_coroutine_callable(fn: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - we want the bound __call__ itself
     )
-

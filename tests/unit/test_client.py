@@ -79,14 +79,21 @@ async def test_enqueue_stores_task_options_and_per_call_overrides() -> None:
         handle = await task.enqueue("a@b", subject="s")
         job = await handle.status()
         assert (job.task, job.queue, job.priority, job.timeout_s) == (
-            task.name, "mail", Priority.HIGH, 5
+            task.name,
+            "mail",
+            Priority.HIGH,
+            5,
         )
-        assert job.args == ["a@b"] and job.kwargs == {"subject": "s"}
-        assert job.state is JobState.QUEUED and job.retry == RetryPolicy.fixed(3).spec
+        assert job.args == ["a@b"]
+        assert job.kwargs == {"subject": "s"}
+        assert job.state is JobState.QUEUED
+        assert job.retry == RetryPolicy.fixed(3).spec
         later = await task.options_for_call(delay_s=60, priority="low", max_attempts=7).enqueue("c")
         job2 = await later.status()
-        assert job2.state is JobState.SCHEDULED and job2.priority is Priority.LOW
-        assert job2.max_attempts == 7 and job2.run_at_ms >= job2.enqueued_ms + 60_000
+        assert job2.state is JobState.SCHEDULED
+        assert job2.priority is Priority.LOW
+        assert job2.max_attempts == 7
+        assert job2.run_at_ms >= job2.enqueued_ms + 60_000
 
 
 async def test_arguments_that_do_not_fit_the_signature_are_refused_before_writing() -> None:
@@ -196,6 +203,7 @@ def test_sync_client_drives_the_same_api_on_sqlite(tmp_path: Path) -> None:
     with app.sync as client:
         job_id = task.enqueue_sync("a", subject="z")
         job = client.get_job(job_id)
-        assert job is not None and job.kwargs == {"subject": "z"}
+        assert job is not None
+        assert job.kwargs == {"subject": "z"}
         assert client.counts()["default"][JobState.QUEUED] == 1
         assert client.cancel(job_id).state is JobState.STOPPED

@@ -19,8 +19,9 @@ json_values = st.recursive(
     | st.integers(min_value=-(2**63), max_value=2**64 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
     max_leaves=30,
 )
 
@@ -66,8 +67,15 @@ def test_payload_over_the_cap_is_refused_with_its_size() -> None:
 
 def test_job_record_round_trips() -> None:
     codec = Codec()
-    job = Job(id="a", task="t", args=[1], kwargs={"k": "v"}, priority=Priority.HIGH,
-              state=JobState.SCHEDULED, run_at_ms=5)
+    job = Job(
+        id="a",
+        task="t",
+        args=[1],
+        kwargs={"k": "v"},
+        priority=Priority.HIGH,
+        state=JobState.SCHEDULED,
+        run_at_ms=5,
+    )
     assert codec.decode_job(codec.encode_job(job)) == job
 
 

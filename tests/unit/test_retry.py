@@ -16,7 +16,9 @@ NOW = 1_700_000_000_000
 
 
 def job(attempts: int = 0, max_attempts: int = 5, enqueued_ms: int = NOW) -> Job:
-    return Job(id="j", task="t", attempts=attempts, max_attempts=max_attempts, enqueued_ms=enqueued_ms)
+    return Job(
+        id="j", task="t", attempts=attempts, max_attempts=max_attempts, enqueued_ms=enqueued_ms
+    )
 
 
 def test_fixed_policy_uses_the_same_delay_every_time() -> None:

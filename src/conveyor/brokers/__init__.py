@@ -2,7 +2,8 @@
 
 * ``memory://`` - in-process (tests, single-process use)
 * ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` - embedded, durable (the default)
-* ``redis://[user:password@]host[:port][/db]``, ``rediss://...`` - distributed (needs ``conveyor[redis]``)
+* ``redis://[user:password@]host[:port][/db]``, ``rediss://...`` - distributed
+  (needs ``conveyor[redis]``)
 """
 
 from __future__ import annotations

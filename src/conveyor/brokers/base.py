@@ -1,4 +1,4 @@
-"""The broker contract: every method is a job-state transition (or a read), enforced by every broker.
+"""The broker contract: every method is a job-state transition (or a read), enforced by all.
 
 Rules shared by all brokers (the conformance suite in ``tests/conformance/`` checks every broker):
 
@@ -17,8 +17,8 @@ Rules shared by all brokers (the conformance suite in ``tests/conformance/`` che
   :class:`~conveyor.errors.BrokerUnavailable` (bounded by a timeout), a read-only or locked store
   :class:`~conveyor.errors.BrokerReadOnly`.
 * Attempt accounting: ``attempts`` counts charged runs. ``ack``, ``retry``, ``dead_letter`` and
-  ``requeue_expired`` charge one; ``release`` charges nothing; ``reserve`` does not change it, so the
-  run in progress is attempt number ``attempts + 1``.
+  ``requeue_expired`` charge one; ``release`` charges nothing; ``reserve`` does not change it,
+  so the run in progress is attempt number ``attempts + 1``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class JobEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class JobPage(msgspec.Struct):
-    """One page of :meth:`Broker.list_jobs`, newest first; pass ``next_cursor`` for the next page."""
+    """One page of :meth:`Broker.list_jobs`, newest first; ``next_cursor`` asks for the next."""
 
     jobs: list[Job]
     next_cursor: str | None
@@ -114,7 +114,7 @@ class LogPage(msgspec.Struct):
 
 
 class ExpiredReport(msgspec.Struct):
-    """What :meth:`Broker.requeue_expired` did: jobs put back in the queue and jobs dead-lettered."""
+    """What :meth:`Broker.requeue_expired` did: jobs put back in the queue, jobs dead-lettered."""
 
     requeued: list[str]
     dead_lettered: list[str]
@@ -194,11 +194,13 @@ class Broker(abc.ABC):
         return await self._enqueue(prepared)
 
     def _prepare(self, job: Job) -> Job:
-        """Validate one job for enqueue and return the record to store (the input is not changed)."""
+        """Validate one job for enqueue; return the record to store (the input is not changed)."""
         if not isinstance(job, Job):
             raise InvalidJobError(f"enqueue takes Job records, got {type(job).__name__}")
         if not job.id or not isinstance(job.id, str) or len(job.id) > 128:
-            raise InvalidJobError(f"invalid job id {job.id!r}; use a non-empty string of <= 128 chars")
+            raise InvalidJobError(
+                f"invalid job id {job.id!r}; use a non-empty string of <= 128 chars"
+            )
         validate_queue_name(job.queue)
         validate_task_name(job.task)
         priority = Priority.parse(job.priority)
@@ -265,7 +267,7 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def wait_for_jobs(self, queues: Sequence[str], timeout_s: float) -> None:
-        """Return when a job may have become reservable on one of ``queues``, or after ``timeout_s``.
+        """Return when a job may have become reservable on one of ``queues``, or after the timeout.
 
         A hint for the fetcher so that it blocks instead of polling; spurious wake-ups are allowed.
         Scheduled jobs falling due count as becoming reservable.
@@ -281,7 +283,7 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def ack(self, lease: Lease, result: Any = None) -> None:
-        """``running`` -> ``completed`` with ``result``; charges the attempt. Stale token: LeaseLost."""
+        """``running`` -> ``completed`` with ``result``; charges the attempt. Stale: LeaseLost."""
 
     async def ack_many(self, items: Sequence[tuple[Lease, Any]]) -> list[bool]:
         """Ack several jobs in as few round trips as the broker allows; per item, False if stale.
@@ -324,7 +326,7 @@ class Broker(abc.ABC):
         error: str | None = None,
         traceback: str | None = None,
     ) -> Job:
-        """``running`` -> ``failed`` (dead letters) with reason, error and traceback; charges one."""
+        """``running`` -> ``failed`` (dead letters) with reason, error, traceback; charges one."""
 
     @abc.abstractmethod
     async def release(self, lease: Lease) -> Job:
@@ -384,7 +386,7 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def cleanup(self, retention_s: float, *, queue: str | None = None) -> int:
-        """Delete finished jobs (completed, failed, stopped) that finished over ``retention_s`` ago."""
+        """Delete finished jobs (completed, failed, stopped) that ended over ``retention_s`` ago."""
 
     # -- progress and logs -----------------------------------------------------------------------
 

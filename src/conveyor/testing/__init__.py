@@ -1,4 +1,4 @@
-"""Test support shipped with conveyor: a fake clock, a private redis-server, the conformance suite."""
+"""Test support shipped with conveyor: a fake clock and a private redis-server."""
 
 from conveyor.clock import FakeClock
 from conveyor.testing.redis_server import RedisServer, redis_server_binary

@@ -1,4 +1,4 @@
-"""What the worker's parts agree on: the executor protocol and the errors an execution can end in."""
+"""What the worker's parts agree on: the executor protocol and the errors a run can end in."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class ExecutionError(ConveyorError):
 
 
 class JobTimeoutError(ExecutionError):
-    """The job ran longer than its timeout and was stopped; raise its timeout_s if it needs longer."""
+    """The job ran longer than its timeout and was stopped; raise timeout_s if it needs longer."""
 
 
 class WorkerLostError(ExecutionError):
