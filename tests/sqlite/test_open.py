@@ -231,16 +231,49 @@ async def test_waiting_for_a_lock_does_not_block_the_event_loop(
         assert ticks >= 10  # the loop kept running while the thread waited on the lock
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root bypasses file permissions")
-async def test_a_write_protected_file_is_broker_read_only(tmp_path: Path) -> None:
-    path = tmp_path / "conveyor.db"
-    await _make_db(path)
-    path.chmod(0o400)
-    before = _snapshot(tmp_path)
+NOBODY = 65534
+
+
+async def _expect_read_only(path: Path) -> None:
     with pytest.raises(BrokerReadOnly, match="read-only"):
         async with SQLiteBroker(str(path)) as broker:
             await broker.enqueue([_job()])
-    assert _snapshot(tmp_path) == before
+
+
+async def test_a_write_protected_file_is_broker_read_only(tmp_path: Path) -> None:
+    """A file the process may read but not write. As root (CI), DAC is bypassed, so the check
+    runs in a forked child that has dropped to an unprivileged user owning a 0400 file."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="conveyor-ro-"))
+    try:
+        path = directory / "conveyor.db"
+        await _make_db(path)
+        path.chmod(0o400)
+        before = _snapshot(directory)
+        if os.geteuid() != 0:
+            await _expect_read_only(path)
+        else:
+            directory.chmod(0o777)  # the unprivileged child may create -wal/-shm beside it
+            os.chown(path, NOBODY, NOBODY)
+            pid = os.fork()
+            if pid == 0:  # child: drop privileges, then try to write
+                code = 1
+                try:
+                    os.setgid(NOBODY)
+                    os.setuid(NOBODY)
+                    asyncio.run(_expect_read_only(path))
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged write was not refused"
+        after = _snapshot(directory)
+        assert after[path.name] == before[path.name]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_an_old_sqlite_library_is_refused_with_what_to_do() -> None:
