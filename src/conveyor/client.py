@@ -15,7 +15,7 @@ from conveyor.brokers import DEFAULT_URL, open_broker
 from conveyor.brokers.base import Broker, JobPage, LogPage
 from conveyor.errors import InvalidJobError, JobFailed, JobNotFound, JobTimeout
 from conveyor.job import Job, JobState, Priority, new_job_id, validate_queue_name
-from conveyor.retry import RetryPolicy
+from conveyor.retry import DEFAULT_MAX_ATTEMPTS, RetryPolicy
 from conveyor.task import (
     P,
     R,
@@ -218,8 +218,14 @@ class Conveyor:
                 raise InvalidJobError(f"arguments do not fit task {name!r}: {exc}") from None
         if delay_s is not None and delay_s < 0:
             raise InvalidJobError(f"delay_s must be >= 0, got {delay_s}")
-        policy = retry or options.retry or RetryPolicy()
-        attempts = max_attempts if max_attempts is not None else policy.max_attempts
+        # A task this process does not know keeps its retry policy and timeout unset, so the
+        # worker (which has the task) applies the task's declared ones.
+        policy = retry or options.retry or (RetryPolicy() if registered is not None else None)
+        attempts = (
+            max_attempts
+            if max_attempts is not None
+            else (policy.max_attempts if policy is not None else DEFAULT_MAX_ATTEMPTS)
+        )
         run_at_ms = 0
         if delay_s:
             run_at_ms = self.broker.clock.now_ms() + int(delay_s * 1000)
@@ -237,7 +243,7 @@ class Conveyor:
             run_at_ms=run_at_ms,
             dedup_key=dedup_key,
             timeout_s=timeout_s if timeout_s is not None else options.timeout_s,
-            retry=policy.spec,
+            retry=policy.spec if policy is not None else None,
             on_success=callback_name(on_success) or options.on_success,
             on_failure=callback_name(on_failure) or options.on_failure,
         )

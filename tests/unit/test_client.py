@@ -135,7 +135,14 @@ async def test_enqueue_by_name_of_a_task_this_process_does_not_have() -> None:
     app = make_app()
     async with app:
         handle = await app.enqueue("other.service.task", args=[1])
-        assert (await handle.status()).task == "other.service.task"
+        job = await handle.status()
+        assert job.task == "other.service.task"
+        # left unset so the worker that has the task applies the task's own policy and timeout
+        assert job.retry is None
+        assert job.timeout_s is None
+        explicit = await app.enqueue("other.service.task", max_attempts=9, timeout_s=4)
+        job = await explicit.status()
+        assert (job.max_attempts, job.timeout_s) == (9, 4)
 
 
 async def test_pending_job_waits_for_start() -> None:
