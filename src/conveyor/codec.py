@@ -82,8 +82,8 @@ class Codec:
             )
         try:
             data = self._encoder.encode(value)
-        except (OverflowError, TypeError, msgspec.EncodeError) as exc:
-            # e.g. msgpack has no integers beyond 64 bits
+        except (OverflowError, TypeError, UnicodeEncodeError, msgspec.EncodeError) as exc:
+            # e.g. msgpack has no integers beyond 64 bits; a lone surrogate has no UTF-8 form
             raise UnencodablePayloadError(
                 f"cannot encode {what} as {self.format}: {exc}; pass smaller numbers or strings"
             ) from None

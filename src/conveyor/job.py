@@ -118,8 +118,8 @@ def allowed_from(transition: Transition) -> frozenset[JobState | None]:
     return TRANSITIONS[transition][0]
 
 
-_QUEUE_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_TASK_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,254}$")
+QUEUE_NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+TASK_NAME_PATTERN: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,254}$")
 
 
 def validate_queue_name(name: str) -> str:
@@ -128,7 +128,7 @@ def validate_queue_name(name: str) -> str:
     Queue names appear inside Redis hash tags and SQL values, so they are restricted to
     1-128 characters of letters, digits, ``_``, ``.`` and ``-``, starting with a letter or digit.
     """
-    if not isinstance(name, str) or not _QUEUE_NAME.fullmatch(name):
+    if not isinstance(name, str) or not QUEUE_NAME_PATTERN.fullmatch(name):
         raise InvalidJobError(
             f"invalid queue name {name!r}; use 1-128 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
@@ -138,7 +138,7 @@ def validate_queue_name(name: str) -> str:
 
 def validate_task_name(name: str) -> str:
     """Return ``name`` if it is a valid task name, else raise :class:`InvalidJobError`."""
-    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
+    if not isinstance(name, str) or not TASK_NAME_PATTERN.fullmatch(name):
         raise InvalidJobError(
             f"invalid task name {name!r}; use a Python-style dotted name such as 'app.tasks.send'"
         )

@@ -58,6 +58,11 @@ def test_json_keeps_big_integers_and_msgpack_refuses_them_clearly() -> None:
         Codec("msgpack").check_value([big], what="v")
 
 
+def test_a_lone_surrogate_is_refused_as_unencodable() -> None:
+    with pytest.raises(UnencodablePayloadError):
+        Codec().check_value({"s": "\ud800"}, what="v")
+
+
 def test_payload_over_the_cap_is_refused_with_its_size() -> None:
     codec = Codec(max_payload_bytes=100)
     with pytest.raises(PayloadTooLargeError) as info:

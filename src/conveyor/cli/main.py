@@ -14,6 +14,7 @@ from conveyor.cli.dead_letters import dead_letters
 from conveyor.cli.enqueue import enqueue
 from conveyor.cli.jobs import jobs
 from conveyor.cli.queues import purge, queues
+from conveyor.cli.serve import serve
 from conveyor.cli.worker import worker
 from conveyor.errors import ConveyorError
 
@@ -37,6 +38,7 @@ cli.add_command(jobs)
 cli.add_command(queues)
 cli.add_command(purge)
 cli.add_command(dead_letters)
+cli.add_command(serve)
 
 
 def _conveyor_error(exc: BaseException) -> ConveyorError | None:

@@ -1,0 +1,1 @@
+"""Tests of the HTTP service (REST, JSON-RPC, events, security, health)."""

@@ -1,0 +1,80 @@
+"""Generated requests against the OpenAPI document (schemathesis): no 5xx, responses match it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from fastapi import FastAPI
+
+from conveyor.client import Conveyor
+from conveyor.service import create_app
+
+from .conftest import TEST_SETTINGS, LiveServer
+
+schemathesis = pytest.importorskip("schemathesis")
+
+MIN_CASES = 1000
+TOKEN = "schemathesis-token"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_generated_requests_never_get_a_server_error(
+    live_server: Callable[[FastAPI], LiveServer],
+) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    app = Conveyor("memory://")
+    server = live_server(create_app(app, token=TOKEN, settings=TEST_SETTINGS))
+    schema = schemathesis.openapi.from_url(
+        f"{server.url}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    operations = [
+        result.ok()
+        for result in schema.get_all_operations()
+        if result.ok().path != "/events"  # an endless stream; tests/service/test_events.py
+    ]
+    strategy = st.one_of(
+        [op.as_strategy(generation_mode=mode) for op in operations for mode in GenerationMode]
+    )
+    seen: Counter[str] = Counter()
+    statuses: Counter[int] = Counter()
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+    ]
+
+    @given(case=strategy)
+    @settings(
+        max_examples=MIN_CASES + 200,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def run(case: schemathesis.Case) -> None:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        response = case.call(base_url=server.url, headers=headers, timeout=10)
+        seen[f"{case.method} {case.path}"] += 1
+        statuses[response.status_code] += 1
+        case.validate_response(response, checks=checks, headers=headers)
+
+    run()
+    total = sum(seen.values())
+    print(f"schemathesis: {total} cases, statuses {dict(sorted(statuses.items()))}")
+    assert total >= MIN_CASES
+    assert not any(status >= 500 for status in statuses)
+    assert len(seen) == len(operations)  # every operation was exercised
