@@ -24,7 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from conveyor import __version__
 from conveyor.client import Conveyor
 from conveyor.errors import BrokerUnavailable, ConfigurationError
-from conveyor.service import events, jsonrpc, rest
+from conveyor.service import dashboard, events, jsonrpc, rest
 from conveyor.service.events import EventHub
 from conveyor.service.health import RequestMetrics, monitor_loop_lag
 from conveyor.service.operations import EnqueueBatcher, Service, ServiceSettings, WorkerLike
@@ -133,6 +133,7 @@ def create_app(
     api.include_router(rest.router)
     api.include_router(jsonrpc.router)
     api.include_router(events.router)
+    api.include_router(dashboard.router)
     limiter = None
     if settings.rate_limit_per_s:
         limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_burst)

@@ -4,11 +4,12 @@ The breaker answers 503 at once while the broker is known to be down.
 
 Order in :class:`SecurityMiddleware` is cheapest-first and never reads a body it will refuse:
 rate limit (floods, token guessing) -> auth -> content type -> body cap. ``/health`` is the one
-public path (probes carry no token); everything else, ``/``, ``/docs``, ``/metrics`` and the event
-streams included, needs the token once one is configured. Credentials come only from the
-``Authorization`` header (or, for the event streams, which browsers open without custom headers,
-``?token=`` or a ``bearer, TOKEN`` WebSocket subprotocol); cookies are never read, so there is no
-CSRF surface.
+public path with data (probes carry no token), beside the dashboard's two static files, which hold
+code only; everything else, the dashboard page ``/``, ``/docs``, ``/metrics`` and the event streams
+included, needs the token once one is configured. Credentials come only from the ``Authorization``
+header (or, where a browser cannot set headers - opening the dashboard, EventSource, WebSocket -
+``?token=``, stripped from the request before anything logs it, or a ``bearer, TOKEN`` WebSocket
+subprotocol); cookies are never read, so there is no CSRF surface.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from conveyor.errors import BrokerUnavailable, ConfigurationError
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV: Final = "CONVEYOR_TOKEN"
-PUBLIC_PATHS: Final = frozenset({"/health"})
-#: Paths where a token may travel in the query string: browsers' EventSource and WebSocket
-#: cannot set an Authorization header.
-QUERY_TOKEN_PATHS: Final = frozenset({"/events", "/events/ws"})
+#: No token needed: the health probe, and the dashboard's static code (no data in it).
+PUBLIC_PATHS: Final = frozenset({"/health", "/static/app.js", "/static/style.css"})
+#: Paths where a token may travel in the query string: a browser opening the dashboard, and
+#: EventSource and WebSocket, cannot set an Authorization header.
+QUERY_TOKEN_PATHS: Final = frozenset({"/", "/events", "/events/ws"})
 RPC_PATH: Final = "/rpc"
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -322,6 +324,8 @@ class SecurityMiddleware:
                 "missing or invalid bearer token; send 'Authorization: Bearer <token>' with the "
                 f"token the server was started with ({TOKEN_ENV} or --token)"
             )
+            if path == "/":
+                message += "; in a browser, open /?token=<token>"
             return 401, "unauthorized", message, [("www-authenticate", "Bearer")]
         if scope["type"] == "http" and scope.get("method") in _BODY_METHODS:
             return self._body_refusal(scope, path)
