@@ -1,0 +1,127 @@
+"""``python -m conveyor.testing.chaos``: run the chaos scenarios and print one table.
+
+    python -m conveyor.testing.chaos --runs 3
+    python -m conveyor.testing.chaos --only K1,L3 --brokers redis --size 4
+    python -m conveyor.testing.chaos --soak-minutes 30   # repeat rounds until time is up
+
+Exit status 1 if any run missed a goal (lost, unexpected, dup_commit, overlap, hang, a timing
+goal); the failures are listed under the table and each run's work directory (ledger, worker
+stderr) is kept for failing runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from conveyor.testing.chaos.scenarios import SCENARIOS, Outcome, run_scenario
+from conveyor.testing.redis_server import redis_server_binary
+
+COLUMNS = (
+    ("scenario", 8),
+    ("broker", 7),
+    ("runs", 5),
+    ("lost", 5),
+    ("unexp", 6),
+    ("dup_exec", 9),
+    ("dup_commit", 11),
+    ("recovery p50/max s", 19),
+    ("exit max s", 11),
+    ("hangs", 6),
+    ("ok", 5),
+)
+
+
+def _row(name: str, kind: str, outcomes: list[Outcome]) -> list[str]:
+    rows = [o.report.as_row() for o in outcomes]
+    recovery = [r for o in outcomes for r in o.recovery_s]
+    exits = [e for o in outcomes for e in o.exit_s]
+    passed = sum(o.ok for o in outcomes)
+    return [
+        name,
+        kind,
+        str(len(outcomes)),
+        str(sum(r["lost"] for r in rows)),
+        str(sum(r["unexpected"] for r in rows)),
+        str(sum(r["dup_exec"] for r in rows)),
+        str(sum(r["dup_commit"] for r in rows)),
+        f"{statistics.median(recovery):.2f}/{max(recovery):.2f}" if recovery else "-",
+        f"{max(exits):.2f}" if exits else "-",
+        str(sum(r["hangs"] for r in rows)),
+        f"{passed}/{len(outcomes)}",
+    ]
+
+
+def _print_table(results: dict[tuple[str, str], list[Outcome]]) -> None:
+    print("  ".join(title.ljust(width) for title, width in COLUMNS))
+    for (name, kind), outcomes in results.items():
+        cells = _row(name, kind, outcomes)
+        print("  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scenarios ``--runs`` times (or until ``--soak-minutes``); print the table."""
+    parser = argparse.ArgumentParser(prog="python -m conveyor.testing.chaos")
+    parser.add_argument("--runs", type=int, default=1, help="repetitions per scenario and broker")
+    parser.add_argument("--soak-minutes", type=float, default=0.0, help="repeat rounds this long")
+    parser.add_argument("--size", type=int, default=1, help="multiply the job counts")
+    parser.add_argument("--only", default="", help="comma-separated scenario ids (default: all)")
+    parser.add_argument("--brokers", default="", help="comma-separated broker kinds (default: all)")
+    parser.add_argument("--json", type=Path, help="also write one JSON line per run here")
+    parser.add_argument("--workdir", type=Path, help="keep every run's directory under this one")
+    args = parser.parse_args(argv)
+
+    only = [s for s in args.only.split(",") if s] or list(SCENARIOS)
+    brokers = {b for b in args.brokers.split(",") if b}
+    have_redis = redis_server_binary() is not None
+    plan = [
+        (name, kind)
+        for name in only
+        for kind in SCENARIOS[name][1]
+        if (not brokers or kind in brokers) and (kind != "redis" or have_redis)
+    ]
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="conveyor-chaos-"))
+    results: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
+    failed_dirs: list[tuple[Outcome, Path]] = []
+    soak_until = time.monotonic() + args.soak_minutes * 60
+    round_no = 0
+    while True:
+        round_no += 1
+        for run in range(args.runs):
+            for name, kind in plan:
+                workdir = root / f"{name}-{kind}-{round_no}-{run}"
+                outcome = run_scenario(name, kind, workdir, args.size)
+                results[(name, kind)].append(outcome)
+                status = "ok" if outcome.ok else "FAIL"
+                print(f"# {name} {kind} run {len(results[(name, kind)])}: {status}", flush=True)
+                if args.json is not None:
+                    with args.json.open("a") as out:
+                        line = {"scenario": name, "broker": kind, **outcome.report.as_row()}
+                        line.update(recovery_s=outcome.recovery_s, exit_s=outcome.exit_s)
+                        line.update(failures=outcome.failures)
+                        out.write(json.dumps(line) + "\n")
+                if outcome.ok and args.workdir is None:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                elif not outcome.ok:
+                    failed_dirs.append((outcome, workdir))
+        if time.monotonic() >= soak_until:
+            break
+    if not have_redis:
+        print("# redis-server not installed: Redis rows skipped", file=sys.stderr)
+    _print_table(results)
+    for outcome, workdir in failed_dirs:
+        print(f"FAILED {outcome.scenario} {outcome.broker} ({workdir}):")
+        for failure in outcome.failures:
+            print(f"  - {failure}")
+    return 1 if failed_dirs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
