@@ -8,6 +8,9 @@ from typing import Any, Protocol
 
 from conveyor.job import Job
 
+#: Guards the lazy creation of JobContext events against a concurrent cancel().
+_EVENT_LOCK = threading.Lock()
+
 
 class Reporter(Protocol):
     """Where a context sends progress and log lines; thread-safe and non-blocking.
@@ -32,12 +35,15 @@ class JobContext:
     never blocks: updates are buffered and written to the broker by the worker.
     """
 
-    __slots__ = ("_cancelled", "_reporter", "job")
+    __slots__ = ("_cancelled", "_event", "_reporter", "job")
 
     def __init__(self, job: Job, reporter: Reporter) -> None:
         self.job = job
         self._reporter = reporter
-        self._cancelled = threading.Event()
+        self._cancelled = False
+        # Created on the first wait_cancelled() only: most jobs never wait, and one Event (a
+        # Condition and a lock) per job is a measurable share of a no-op job's cost.
+        self._event: threading.Event | None = None
 
     @property
     def job_id(self) -> str:
@@ -62,15 +68,27 @@ class JobContext:
     @property
     def cancelled(self) -> bool:
         """True once the job was cancelled or timed out; long sync loops should check it."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def cancel(self) -> None:
         """Mark the job cancelled (done by the worker; tasks read :attr:`cancelled`)."""
-        self._cancelled.set()
+        self._cancelled = True  # first: an event created from now on starts set
+        with _EVENT_LOCK:
+            event = self._event
+        if event is not None:
+            event.set()
 
     def wait_cancelled(self, timeout_s: float | None = None) -> bool:
         """Block (in a thread job) until cancelled or ``timeout_s``; True if cancelled."""
-        return self._cancelled.wait(timeout_s)
+        event = self._event
+        if event is None:
+            with _EVENT_LOCK:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+                    if self._cancelled:
+                        event.set()
+        return event.wait(timeout_s)
 
     def progress(self, percent: int | float | None = None, description: str | None = None) -> None:
         """Report progress (clamped to 0-100) and/or a human-readable description."""

@@ -47,12 +47,33 @@ def _qualname(cls: type[BaseException]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _remote_type(exc: BaseException) -> str | None:
+    """The class name a process child's exception carries (``RemoteError.remote_type``)."""
+    remote = getattr(exc, "remote_type", None)
+    return remote if isinstance(remote, str) else None
+
+
 def _matches(exc: BaseException, names: Sequence[str]) -> bool:
-    """Whether ``exc`` is an instance of a class named in ``names`` (by qualified or bare name)."""
+    """Whether ``exc`` is an instance of a class named in ``names`` (by qualified or bare name).
+
+    A process child's exception (a ``RemoteError``) also matches by the class it names in
+    ``remote_type`` (qualified, ``builtins.`` implied for bare builtins, or bare). Only by name:
+    the worker's runner hands the policy a stand-in of the original class when that class is
+    loaded, so that base classes match too.
+    """
     for klass in type(exc).__mro__:
         if _qualname(klass) in names or klass.__qualname__ in names:
             return True
+    remote = _remote_type(exc)
+    if remote is not None:
+        qualified = remote if "." in remote else f"builtins.{remote}"
+        return qualified in names or remote.rpartition(".")[2] in names
     return False
+
+
+def _is_retry(exc: BaseException) -> bool:
+    """Whether ``exc`` is a :class:`Retry`, raised here or in a process child."""
+    return isinstance(exc, Retry) or _remote_type(exc) == _qualname(Retry)
 
 
 class RetryPolicy:
@@ -175,23 +196,29 @@ class RetryPolicy:
         *,
         timed_out: bool = False,
         rng: random.Random | None = None,
+        max_attempts: int | None = None,
     ) -> RetryDecision | GiveUp:
         """Decide what happens after ``job``'s current attempt (``job.attempts + 1``) failed.
 
         Order: a give-up-on class ends it; with a retry-on list, other classes end it; spent
         attempts end it; a delay past the total deadline ends it; else retry after the delay
-        (a :class:`Retry` raised by the task overrides the delay).
+        (a :class:`Retry` raised by the task overrides the delay, also from a process child).
+        Attempts are capped by ``max_attempts`` when given (see :meth:`for_job`), else by
+        ``job.max_attempts``.
         """
         spec = self.spec
+        is_retry = _is_retry(exc)
         if spec.give_up_on and _matches(exc, spec.give_up_on):
             return GiveUp(FailureReason.GAVE_UP)
-        if spec.retry_on and not isinstance(exc, Retry) and not _matches(exc, spec.retry_on):
+        if spec.retry_on and not is_retry and not _matches(exc, spec.retry_on):
             return GiveUp(FailureReason.GAVE_UP)
         attempt = job.attempts + 1
-        if attempt >= job.max_attempts:
+        cap = job.max_attempts if max_attempts is None else max_attempts
+        if attempt >= cap:
             return GiveUp(FailureReason.TIMEOUT if timed_out else FailureReason.EXHAUSTED)
-        if isinstance(exc, Retry) and exc.delay_s is not None:
-            delay_s = max(0.0, exc.delay_s)
+        requested = getattr(exc, "delay_s", None) if is_retry else None
+        if isinstance(requested, int | float) and not isinstance(requested, bool):
+            delay_s = max(0.0, float(requested))
         else:
             delay_s = self.delay_for(attempt, rng)
         run_at = now_ms + int(delay_s * 1000)
@@ -200,9 +227,26 @@ class RetryPolicy:
         return RetryDecision(run_at_ms=run_at)
 
     @classmethod
-    def for_job(cls, job: Job) -> RetryPolicy:
-        """The policy stored with ``job`` (the default exponential one if none was)."""
-        return cls(job.retry, max(1, job.max_attempts))
+    def for_job(cls, job: Job, task_policy: RetryPolicy | None = None) -> RetryPolicy:
+        """The policy that decides ``job``'s retries; its ``max_attempts`` is the attempt cap.
+
+        A job stored with a retry spec carries its own policy: that spec, capped at
+        ``job.max_attempts``. A job stored without one (``retry=None``: enqueued by task name
+        from a process where the task is not registered, such as the CLI or the HTTP service)
+        gets ``task_policy``, the policy the worker's registered task declares (the default
+        exponential policy if it declares none), with that policy's ``max_attempts`` as the cap,
+        unless the producer chose a cap: a stored ``max_attempts`` other than
+        :data:`DEFAULT_MAX_ATTEMPTS` (what a producer stores when given none) wins. So an
+        explicit ``max_attempts`` equal to the default defers to the task too; pass ``retry=``
+        to pin a job's whole policy. (The broker's crash recovery, ``requeue_expired``, only
+        knows the stored ``max_attempts``.)
+        """
+        if job.retry is not None:
+            return cls(job.retry, max(1, job.max_attempts))
+        policy = task_policy or cls()
+        if job.max_attempts != DEFAULT_MAX_ATTEMPTS:
+            return cls(policy.spec, max(1, job.max_attempts))
+        return policy
 
     def __repr__(self) -> str:
         return f"RetryPolicy({self.spec!r}, max_attempts={self.max_attempts})"

@@ -217,6 +217,50 @@ async def test_redrive_by_id_includes_stopped_jobs_and_skips_the_rest(broker: Br
     assert (await must_get(broker, other_queue.id)).state == JobState.FAILED
 
 
+async def test_redrive_reclaims_a_free_dedup_key(broker: Broker) -> None:
+    failed = await job_in_state(broker, JobState.FAILED, dedup_key="k")
+
+    assert await broker.redrive("q", [failed.id]) == 1
+
+    assert (await must_get(broker, failed.id)).dedup_key == "k"
+    assert await enqueue_one(broker, dedup_key="k") == failed.id  # it holds the key again
+
+
+async def test_redrive_drops_a_dedup_key_another_live_job_holds_and_skips_nothing(
+    broker: Broker,
+) -> None:
+    failed = await job_in_state(broker, JobState.FAILED, dedup_key="k")
+    holder = await enqueue_one(broker, dedup_key="k")  # the key was free: a new live job took it
+
+    assert await broker.redrive("q") == 1
+
+    redriven = await must_get(broker, failed.id)
+    assert (redriven.state, redriven.dedup_key) == (JobState.QUEUED, None)
+    assert await enqueue_one(broker, dedup_key="k") == holder  # the key stays with its holder
+    ids = await reserve_ids(broker)
+    assert sorted(ids) == sorted([failed.id, holder])
+    # Once the holder is done, the key is free; the re-driven job never claims it back.
+    [lease_of_holder] = [
+        job.lease for job in [await must_get(broker, holder)] if job.lease_token is not None
+    ]
+    await broker.ack(lease_of_holder)
+    fresh = await enqueue_one(broker, dedup_key="k")
+    assert fresh not in (failed.id, holder)
+
+
+async def test_redrive_of_two_dead_letters_with_one_dedup_key_gives_it_to_the_first(
+    broker: Broker,
+) -> None:
+    first = await job_in_state(broker, JobState.FAILED, dedup_key="k")
+    second = await job_in_state(broker, JobState.FAILED, dedup_key="k")
+
+    assert await broker.redrive("q", [second.id, first.id]) == 2
+
+    assert (await must_get(broker, first.id)).dedup_key == "k"
+    assert (await must_get(broker, second.id)).dedup_key is None
+    assert await enqueue_one(broker, dedup_key="k") == first.id
+
+
 async def test_redrive_of_a_queue_without_dead_letters_does_nothing(broker: Broker) -> None:
     queued = await job_in_state(broker, JobState.QUEUED)
 

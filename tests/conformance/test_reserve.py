@@ -215,3 +215,24 @@ async def test_wait_for_jobs_returns_after_its_timeout_when_nothing_comes(
 ) -> None:
     async with asyncio.timeout(PROMPT_S):
         await broker.wait_for_jobs(["q"], timeout_s=0.05)
+
+
+async def test_next_scheduled_ms_is_the_earliest_run_at_of_the_queues_scheduled_jobs(
+    broker: Broker, clock: FakeClock
+) -> None:
+    assert await broker.next_scheduled_ms("q") is None
+    now = clock.now_ms()
+    await enqueue_one(broker)  # queued: not scheduled
+    await enqueue_one(broker, state=JobState.PENDING, run_at_ms=now + 1_000)  # held: not either
+    later = await enqueue_one(broker, run_at_ms=now + 9_000)
+    await enqueue_one(broker, run_at_ms=now + 5_000)
+    await enqueue_one(broker, queue="other", run_at_ms=now + 2_000)
+
+    assert await broker.next_scheduled_ms("q") == now + 5_000
+    assert await broker.next_scheduled_ms("other") == now + 2_000
+
+    clock.advance(6)
+    await broker.promote_scheduled("q")
+    assert await broker.next_scheduled_ms("q") == now + 9_000
+    await broker.cancel(later)
+    assert await broker.next_scheduled_ms("q") is None

@@ -99,6 +99,28 @@ async def test_a_refused_batch_leaves_no_index_entries(rbroker: RedisBroker, raw
     assert await rbroker.get(fresh.id) is None
 
 
+@pytest.mark.parametrize("one_step", [True, False], ids=["single-server", "cluster-two-steps"])
+async def test_both_enqueue_paths_index_store_and_deduplicate_alike(
+    rbroker: RedisBroker, raw: Any, one_step: bool
+) -> None:
+    rbroker.multi_queue_commands = one_step  # False: as on Redis Cluster (index, then enqueue)
+    first, dup, later = job(dedup_key="k"), job(dedup_key="k"), job(run_at_ms=2**41)
+
+    assert await rbroker.enqueue([first, dup, later]) == [first.id, first.id, later.id]
+
+    index = rbroker.global_keys.index
+    assert raw.hget(index, first.id) == b"q"
+    assert raw.hget(index, later.id) == b"q"
+    assert not raw.hexists(index, dup.id)
+    assert raw.sismember(rbroker.global_keys.queues, "q")
+    assert (await rbroker.get(later.id)).state == JobState.SCHEDULED  # type: ignore[union-attr]
+    [reserved] = await rbroker.reserve("q", 5, lease_s=30)
+    assert reserved.id == first.id
+    with pytest.raises(InvalidJobError, match="already in use"):
+        await rbroker.enqueue([job(), Job(id=first.id, task="t", queue="q")])
+    assert raw.hlen(index) == 2
+
+
 async def test_prefixes_keep_brokers_apart(redis_url: str, rbroker: RedisBroker) -> None:
     other = RedisBroker(redis_url, prefix="other-app")
     async with other:
@@ -256,6 +278,31 @@ async def test_events_of_all_queues_arrive_in_one_order_and_resume_from_any_curs
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert [e.job_id for e in resumed] == ids[2:]
+
+
+async def test_event_ids_never_go_back_even_when_the_server_clock_does(
+    rbroker: RedisBroker, raw: Any
+) -> None:
+    # An entry stamped far ahead stands for a clock that went back since it was written:
+    # XADD refuses TIME-based ids below it, so the scripts continue after the stream's last id.
+    [first] = await rbroker.enqueue([job()])
+    events_key = rbroker.queue_keys("q").events
+    ahead_us = (time.time_ns() // 1000) + 3_600_000_000
+    raw.xadd(events_key, {"k": "probe"}, id=f"{ahead_us}-0")
+
+    [second] = await rbroker.enqueue([job()])
+    [reserved] = await rbroker.reserve("q", 1, lease_s=30)
+
+    entries = [
+        (tuple(int(part) for part in raw_id.decode().split("-")), fields)
+        for raw_id, fields in raw.xrange(events_key)
+    ]
+    ids = [entry_id for entry_id, _ in entries]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    later = [f[b"j"].decode() for (us, _), f in entries if us == ahead_us and b"j" in f]
+    assert later == [second, first]  # enqueue of the second job, then the reserve of the first
+    assert reserved.id == first
 
 
 async def test_a_bad_cursor_is_refused_at_once(rbroker: RedisBroker) -> None:

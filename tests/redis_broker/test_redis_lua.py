@@ -85,7 +85,7 @@ def test_lua_error_codes_match_the_error_code_enum() -> None:
         "LEASE_LOST": ErrorCode.LEASE_LOST,
         "INVALID_TRANSITION": ErrorCode.INVALID_TRANSITION,
     }
-    for name in ("enqueue", "index_jobs"):
+    for name in ("includes/enqueue_batch", "index_jobs"):
         assert (
             f"INVALID_JOB = {int(ErrorCode.INVALID_JOB)}" in LUA.joinpath(f"{name}.lua").read_text()
         )
@@ -238,5 +238,21 @@ async def test_scripts_are_reloaded_after_the_server_forgets_them(
     [reserved] = await rbroker.reserve("q", 1, lease_s=30)
 
     assert reserved.id == job_id
-    used = [rbroker._scripts._scripts[n].sha for n in ("index_jobs", "enqueue", "reserve")]  # type: ignore[union-attr]
+    used = [rbroker._scripts.sha(n) for n in ("index_and_enqueue", "reserve")]  # type: ignore[union-attr]
     assert all(raw.script_exists(*used))  # loaded again on NOSCRIPT, lazily
+
+
+def test_the_lane_packs_commands_exactly_as_redis_py_does() -> None:
+    from redis.asyncio.connection import Connection
+
+    from conveyor.brokers.redis.scripts import Scripts
+
+    conn = Connection()
+    scripts = Scripts.__new__(Scripts)
+    scripts._heads = {}
+    keys = ["{conveyor:q}:jobs", "{conveyor:q}:meta"]
+    args: list[Any] = [1_700_000_000_000, 10_000, b"\x92\xa1x\xc0", "w\u00e9", 2.5, -3, ""]
+    for _ in range(2):  # the second time from the cached head
+        mine = scripts._pack(conn, "EVALSHA", "ab" * 20, keys, args)
+        theirs = b"".join(conn.pack_command("EVALSHA", "ab" * 20, len(keys), *keys, *args))
+        assert mine == theirs

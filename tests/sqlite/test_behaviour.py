@@ -143,7 +143,7 @@ async def test_lease_tokens_are_unique_per_reservation(tmp_path: Path) -> None:
             await broker.ack(first[0].lease)
 
 
-async def test_redrive_skips_a_dead_letter_whose_dedup_key_a_live_job_holds(
+async def test_redrive_runs_a_dead_letter_without_the_dedup_key_a_live_job_holds(
     tmp_path: Path,
 ) -> None:
     async with SQLiteBroker(str(tmp_path / "x.db")) as broker:
@@ -152,10 +152,11 @@ async def test_redrive_skips_a_dead_letter_whose_dedup_key_a_live_job_holds(
         await broker.dead_letter(job.lease, reason=FailureReason.GAVE_UP, error="x")
         [live] = await broker.enqueue([_job(dedup_key="k")])  # the key is free again
         assert live != dead
-        assert await broker.redrive("q") == 0  # two live jobs may never share a key
+        assert await broker.redrive("q") == 1  # nothing is skipped silently ...
         stored = await broker.get(dead)
         assert stored is not None
-        assert stored.state == JobState.FAILED
+        # ... and two live jobs never share a key (the unique index would refuse it).
+        assert (stored.state, stored.dedup_key) == (JobState.QUEUED, None)
 
 
 async def test_a_cancelled_reserve_leaves_leases_that_expire(tmp_path: Path) -> None:

@@ -223,7 +223,7 @@ async def test_a_job_blocking_the_loop_for_three_leases_is_not_redelivered(
     stop = threading.Event()
     recovered: list[str] = []
     peer = threading.Thread(target=_peer_reaper, args=(url, "default", stop, recovered))
-    caplog.set_level(logging.WARNING, logger="conveyor.worker.leases")
+    caplog.set_level(logging.WARNING, logger="conveyor.worker.heartbeat")
     async with app:
         handle = await blocker.enqueue()
         peer.start()

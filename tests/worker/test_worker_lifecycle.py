@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from worker_helpers import eventually, finished, running, state_of
 
-from conveyor import Conveyor, JobState
+from conveyor import Conveyor, JobState, RetryPolicy
 from conveyor.errors import ConfigurationError
 from conveyor.worker import Worker
 
@@ -190,6 +190,42 @@ async def test_burst_mode_exits_when_the_queues_are_drained(app_url: str) -> Non
         assert states == {JobState.COMPLETED}
         assert await state_of(app, later.id) is JobState.SCHEDULED
     assert worker.state == "stopped"
+
+
+async def test_burst_mode_waits_for_retries_in_backoff_before_it_exits(app_url: str) -> None:
+    app = Conveyor(app_url)
+    runs: list[float] = []
+
+    @app.task(name="t.flaky", retry=RetryPolicy.fixed(0.3, max_attempts=3))
+    async def flaky() -> None:
+        runs.append(time.monotonic())
+        if len(runs) < 3:
+            raise ValueError("not yet")
+
+    async with app:
+        handle = await flaky.enqueue()
+        worker = Worker(app, burst=True, scan_interval_s=0.1)
+        async with asyncio.timeout(20):
+            await worker.run()
+        assert await state_of(app, handle.id) is JobState.COMPLETED
+    assert len(runs) == 3
+    assert runs[2] - runs[0] >= 0.55  # it waited out both backoffs (no early exit, no skip)
+
+
+async def test_burst_mode_does_not_wait_for_a_retry_beyond_burst_wait_s(url_for: Any) -> None:
+    app = Conveyor(url_for("memory"))
+
+    @app.task(name="t.later", retry=RetryPolicy.fixed(30, max_attempts=3))
+    async def later() -> None:
+        raise ValueError("try again in 30 s")
+
+    async with app:
+        handle = await later.enqueue()
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            await Worker(app, burst=True, burst_wait_s=5).run()
+        assert time.monotonic() - started < 3
+        assert await state_of(app, handle.id) is JobState.SCHEDULED
 
 
 async def test_burst_mode_on_an_empty_queue_exits_at_once(url_for: Any) -> None:

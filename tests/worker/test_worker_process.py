@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 import worker_tasks
-from worker_helpers import finished, running
+from worker_helpers import eventually, finished, running
 
 from conveyor import Conveyor, JobState, RetryPolicy
+from conveyor.clock import FakeClock
 from conveyor.job import FailureReason
 
 
@@ -62,6 +64,31 @@ async def test_a_process_jobs_exception_is_stored_and_matched_by_the_retry_polic
     assert job.attempts == 1
     assert job.error == "ValueError: bad input"
     assert "proc_raise" in (job.traceback or "")
+
+
+async def test_a_retry_raised_in_a_process_child_keeps_its_delay() -> None:
+    clock = FakeClock(start_ms=int(time.time() * 1000))  # frozen: run_at - now is the delay
+    app = Conveyor("memory://", clock=clock)
+    # The policy's own delay (1 h) would hide the bug: the child's Retry asks for 30 s.
+    later = app.task(
+        name="p.retry", executor="process", retry=RetryPolicy.fixed(3600, max_attempts=3)
+    )(worker_tasks.proc_retry_later)
+
+    async with app:
+        handle = await later.enqueue(30)
+        async with running(app, concurrency={"process": 1}):
+            job = await eventually(
+                lambda: _scheduled(app, handle.id), timeout_s=30, what="the retry"
+            )
+    assert job.attempts == 1
+    assert job.run_at_ms - clock.now_ms() == 30_000
+    assert job.error is not None
+    assert "Retry" in job.error
+
+
+async def _scheduled(app: Conveyor, job_id: str) -> Any:
+    job = await app.broker.get(job_id)
+    return job if job is not None and job.state is JobState.SCHEDULED else None
 
 
 async def test_a_process_job_over_its_timeout_is_stopped(url_for: Any, tmp_path: Any) -> None:

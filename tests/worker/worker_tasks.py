@@ -31,3 +31,10 @@ def proc_die(code: int) -> None:
 def proc_raise(message: str) -> None:
     """Raise ValueError in the child."""
     raise ValueError(message)
+
+
+def proc_retry_later(delay_s: float) -> None:
+    """Ask for another attempt after ``delay_s`` from the child (conveyor.retry.Retry)."""
+    from conveyor.retry import Retry
+
+    raise Retry(delay_s=delay_s)

@@ -302,6 +302,43 @@ class Broker(abc.ABC):
                 out.append(True)
         return out
 
+    async def ack_and_reserve(
+        self,
+        acks: Sequence[tuple[Lease, Any]],
+        queue: str,
+        n: int,
+        *,
+        lease_s: float,
+        worker_id: str = "",
+    ) -> tuple[list[bool], list[Job]]:
+        """A worker's "finish and take next": :meth:`ack_many` of ``acks``, then :meth:`reserve`.
+
+        The same two transitions with the same fencing (per ack, False if its lease is stale or
+        the job is gone) and the same reserve rules, in one step: one Lua call (Redis), one
+        transaction (SQLite), one block (memory). It exists for the worker's critical path, where
+        the slots freed by finished jobs are refilled: one round trip instead of two, and the
+        acks no longer queue behind (or ahead of) the reserve.
+
+        Every lease in ``acks`` must belong to ``queue`` (a queue is the broker's atomic unit);
+        other leases raise InvalidJobError and change nothing. Results are encoded before
+        anything changes, so an unencodable one raises and nothing is acked or reserved.
+        ``n`` may be 0 (ack only). Returns the per-ack flags and the reserved jobs.
+        """
+        self._check_ack_queue(acks, queue)
+        held = await self.ack_many(acks) if acks else []
+        jobs = await self.reserve(queue, n, lease_s=lease_s, worker_id=worker_id) if n > 0 else []
+        return held, jobs
+
+    @staticmethod
+    def _check_ack_queue(acks: Sequence[tuple[Lease, Any]], queue: str) -> None:
+        """Refuse (before any change) an ``ack_and_reserve`` ack of another queue."""
+        for lease, _ in acks:
+            if lease.queue != queue:
+                raise InvalidJobError(
+                    f"ack_and_reserve({queue!r}) got a lease of queue {lease.queue!r} "
+                    f"(job {lease.job_id}); ack it with ack_many"
+                )
+
     @abc.abstractmethod
     async def retry(
         self,
@@ -349,6 +386,14 @@ class Broker(abc.ABC):
     async def promote_scheduled(self, queue: str, *, limit: int = 1000) -> int:
         """``scheduled`` -> ``queued`` for jobs of ``queue`` whose ``run_at_ms`` has come; count."""
 
+    @abc.abstractmethod
+    async def next_scheduled_ms(self, queue: str) -> int | None:
+        """The earliest ``run_at_ms`` among the ``scheduled`` jobs of ``queue`` (None: none).
+
+        A burst worker reads it to tell a retry in backoff (due soon: wait for it) from work
+        scheduled far ahead (not its business), without listing every scheduled job.
+        """
+
     # -- control plane ---------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -373,7 +418,10 @@ class Broker(abc.ABC):
 
         Attempts, lost leases, error, traceback and failure reason are reset. With no ids, every
         failed job of ``queue`` is re-driven. Ids that are not failed/stopped in that queue are
-        skipped. Returns how many were re-driven.
+        skipped. A job reclaims its ``dedup_key`` if the key is free; if another live job holds
+        it now (or an earlier job of the same redrive claims it), the job is re-driven without
+        it (its ``dedup_key`` becomes None): nothing is skipped, and one key keeps at most one
+        live job. Returns how many were re-driven.
         """
 
     @abc.abstractmethod

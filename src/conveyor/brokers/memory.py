@@ -194,18 +194,24 @@ class MemoryBroker(Broker):
         self, queue: str, n: int, *, lease_s: float, worker_id: str = ""
     ) -> list[Job]:
         """Take up to ``n`` due jobs of ``queue`` (promoting its due scheduled jobs first)."""
+        return self._reserve(queue, n, lease_s, worker_id)
+
+    def _reserve(self, queue: str, n: int, lease_s: float, worker_id: str) -> list[Job]:
         now = self.clock.now_ms()
         self._promote_due(queue, now, max(n, 1000))
         heap = self._ready.get(queue)
         out: list[Job] = []
         expires = now + round(lease_s * 1000)
+        # One random prefix per call, made unique per job by its enqueue sequence (as the other
+        # brokers do): one urandom call per batch rather than per job.
+        prefix = secrets.token_hex(8) if heap else ""
         while heap and len(out) < n:
             entry = self._ready_entry(heapq.heappop(heap))
             if entry is None:
                 continue  # stale heap item: the job was cancelled, deleted or re-enqueued
             self._move(entry, _S.RUNNING, Transition.RESERVE, now)
             job = entry.job
-            job.lease_token, job.lease_expires_ms = secrets.token_hex(8), expires
+            job.lease_token, job.lease_expires_ms = f"{prefix}.{entry.seq}", expires
             job.started_ms, job.worker_id = now, worker_id or None
             out.append(self._export(entry))
         return out
@@ -261,6 +267,9 @@ class MemoryBroker(Broker):
 
         Results are encoded before any job changes, so an unencodable one raises and acks nothing.
         """
+        return self._ack_many(items)
+
+    def _ack_many(self, items: Sequence[tuple[Lease, Any]]) -> list[bool]:
         data = [self._encode_result(lease, result) for lease, result in items]
         now = self.clock.now_ms()
         out: list[bool] = []
@@ -271,6 +280,20 @@ class MemoryBroker(Broker):
                 self._complete(entry, encoded, now)
             out.append(held)
         return out
+
+    async def ack_and_reserve(
+        self,
+        acks: Sequence[tuple[Lease, Any]],
+        queue: str,
+        n: int,
+        *,
+        lease_s: float,
+        worker_id: str = "",
+    ) -> tuple[list[bool], list[Job]]:
+        """:meth:`ack_many` of ``acks`` (leases of ``queue``), then :meth:`reserve`: one block."""
+        self._check_ack_queue(acks, queue)
+        held = self._ack_many(acks) if acks else []
+        return held, self._reserve(queue, n, lease_s, worker_id)
 
     async def retry(
         self,
@@ -342,6 +365,10 @@ class MemoryBroker(Broker):
         """``scheduled`` -> ``queued`` for jobs of ``queue`` whose ``run_at_ms`` has come; count."""
         return self._promote_due(queue, self.clock.now_ms(), limit)
 
+    async def next_scheduled_ms(self, queue: str) -> int | None:
+        """The earliest ``run_at_ms`` of the scheduled jobs of ``queue``, or None."""
+        return self._earliest_scheduled(queue)
+
     # -- control plane ---------------------------------------------------------------------------
 
     async def cancel(self, job_id: str) -> Job:
@@ -360,7 +387,10 @@ class MemoryBroker(Broker):
         self._remove(self._find(job_id, "delete"), "delete", self.clock.now_ms())
 
     async def redrive(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
-        """Dead letters (and, by id, stopped jobs) of ``queue`` back to ``queued``, reset."""
+        """Dead letters (and, by id, stopped jobs) of ``queue`` back to ``queued``, reset.
+
+        A job whose ``dedup_key`` another live job holds now is re-driven without it.
+        """
         if job_ids is None:
             if not self._counts.get(queue, {}).get(_S.FAILED):
                 return 0
@@ -368,16 +398,19 @@ class MemoryBroker(Broker):
         else:  # dict.fromkeys: a repeated id is re-driven once
             found = (self._entries.get(job_id) for job_id in dict.fromkeys(job_ids))
             candidates = [e for e in found if e is not None and e.job.state in _REDRIVABLE]
-        targets = [e for e in candidates if e.job.queue == queue]
+        # Enqueue order: of two re-driven jobs with one dedup key, the older keeps it.
+        targets = sorted((e for e in candidates if e.job.queue == queue), key=lambda e: e.seq)
         now = self.clock.now_ms()
         for entry in targets:
             job = entry.job
             job.attempts = job.lost_leases = 0
             job.error = job.traceback = job.failure_reason = None
             job.finished_ms = entry.result = None
-            if job.dedup_key is not None:
-                # Reclaim the key only if no newer live job took it meanwhile.
-                self._dedup.setdefault((queue, job.dedup_key), job.id)
+            # Reclaim the key if it is free; if another live job took it meanwhile, run without
+            # it (drop the claim): one key keeps at most one live job.
+            key = job.dedup_key
+            if key is not None and self._dedup.setdefault((queue, key), job.id) != job.id:
+                job.dedup_key = None
             self._move(entry, _S.QUEUED, Transition.REDRIVE, now)
         return len(targets)
 

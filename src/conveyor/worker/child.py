@@ -22,6 +22,7 @@ import importlib
 import inspect
 import io
 import logging
+import math
 import os
 import signal
 import sys
@@ -95,12 +96,17 @@ class Done(msgspec.Struct, tag="done"):
 
 
 class Failed(msgspec.Struct, tag="failed"):
-    """The job raised: the exception's qualified class name, its message and the traceback text."""
+    """The job raised: the exception's qualified class name, its message and the traceback text.
+
+    ``delay_s`` carries the exception's numeric ``delay_s`` attribute (a
+    :class:`~conveyor.retry.Retry`'s requested delay), so the parent's retry policy honours it.
+    """
 
     job_id: str
     error_type: str
     message: str
     traceback: str
+    delay_s: float | None = None
 
 
 ParentMessage = RunJob | Stop
@@ -264,13 +270,23 @@ def _run_job(message: RunJob, channel: _Channel, codec: Codec) -> Done | Failed:
         codec.check_value(result, what=f"the result of {job.task}")
         return Done(job.id, result)
     except BaseException as exc:  # SystemExit too: the job failed, the child carries on
-        return Failed(job.id, qualified_name(type(exc)), str(exc), traceback.format_exc())
+        return Failed(
+            job.id, qualified_name(type(exc)), str(exc), traceback.format_exc(), _delay_of(exc)
+        )
     finally:
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, _LineWriter):
                 stream.flush_partial()
         channel.job_id = None
         current_context.reset(token)
+
+
+def _delay_of(exc: BaseException) -> float | None:
+    """The exception's ``delay_s`` (a ``Retry``'s requested delay) if it is a finite number."""
+    delay = getattr(exc, "delay_s", None)
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not math.isfinite(delay):
+        return None
+    return float(delay)
 
 
 def main(conn: Connection, parent_pid: int, preload: list[str]) -> None:

@@ -7,6 +7,11 @@ so an idle worker acks at once and a busy one acks hundreds per round trip, with
 would add latency for nothing. ``retry``, ``dead_letter`` and ``release`` are rarer and are
 written individually by the job's own task, which waits for the answer.
 
+When finished runs free slots, the fetcher's next reserve carries the waiting acks of its queue
+(:meth:`Committer.take_acks`, then ``broker.ack_and_reserve``): one round trip refills the slots
+and stores the outcomes. The flusher lets the fetcher go first (a few loop turns) and writes
+whatever is left.
+
 Outcomes of a write:
 
 * written: the job is settled with its outcome;
@@ -83,11 +88,12 @@ class Committer:
         self._abandoned = asyncio.Event()
         self._writing = False
         self._inflight = 0  # individual writes in progress
+        self._borrowed = 0  # acks handed to the fetcher (take_acks), not yet reported back
 
     @property
     def pending(self) -> int:
         """Outcomes not yet written (acks waiting or being written, plus individual writes)."""
-        return len(self._acks) + self._inflight + (1 if self._writing else 0)
+        return len(self._acks) + self._inflight + self._borrowed + (1 if self._writing else 0)
 
     # -- acks (batched) ----------------------------------------------------------------------------
 
@@ -102,15 +108,66 @@ class Committer:
             self._idle.clear()
             self._wake.set()
 
+    def take_acks(self, queue: str) -> list[tuple[ActiveJob, Any]]:
+        """Hand the waiting acks of ``queue`` (up to one batch) to the caller to write.
+
+        The fetcher writes them together with its reserve (``ack_and_reserve``) and reports
+        back with :meth:`acks_written` or :meth:`acks_not_written`; until then they count as
+        pending (a flush waits for them).
+        """
+        acks = self._acks
+        if not acks or self._abandoned.is_set():
+            return []
+        limit = self._max_batch
+        if len(acks) <= limit and all(aj.lease.queue == queue for aj, _ in acks):
+            taken, self._acks = acks, []  # the common case: one queue, one batch
+        else:
+            taken, rest = [], []
+            for item in acks:
+                if len(taken) < limit and item[0].lease.queue == queue:
+                    taken.append(item)
+                else:
+                    rest.append(item)
+            if not taken:
+                return []
+            self._acks = rest
+        self._borrowed += len(taken)
+        return taken
+
+    def acks_written(self, batch: list[tuple[ActiveJob, Any]], held: list[bool]) -> None:
+        """Taken acks were written: settle each (False: the job had moved on)."""
+        self._borrowed -= len(batch)
+        self.circuit.success()
+        self._settle_acks(batch, held)
+        self._check_idle()
+
+    def acks_not_written(self, batch: list[tuple[ActiveJob, Any]]) -> None:
+        """Taken acks could not be written (or may not have been): the flusher takes them over.
+
+        An ack that was in fact stored before the failure comes back from the broker as stale
+        and is settled as ``lease_lost`` (logged): the job is completed either way.
+        """
+        self._borrowed -= len(batch)
+        if self._abandoned.is_set():
+            for aj, _ in batch:
+                self._settle(aj, ABANDONED)
+            self._check_idle()
+            return
+        self._acks[:0] = batch
+        self._idle.clear()
+        self._wake.set()
+
     async def run(self) -> None:
         """The flusher: write accumulated acks until cancelled."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            # Let the fetcher, woken by the same finished runs, send its reserve first: the
-            # broker serves one command at a time and the next jobs' start waits on the reserve,
-            # while nobody waits on an ack. (A timer linger here would add wake-ups instead.)
+            # Let the fetcher, woken by the same finished runs, go first: its reserve carries
+            # these acks (ack_and_reserve), and the next jobs' start waits on that reserve while
+            # nobody waits on an ack. (A timer linger here would add wake-ups instead.)
             for _ in range(_YIELDS_BEFORE_FLUSH):
+                if not self._acks:
+                    break  # the fetcher took them: no more loop turns to spend here
                 await asyncio.sleep(0)
             while self._acks:
                 batch = self._acks[: self._max_batch]
@@ -146,14 +203,17 @@ class Committer:
                     await self._write(aj, COMPLETED, functools.partial(self._ack_one, aj, result))
                 return
             self.circuit.success()
-            settle = self._settle
-            for (aj, _), ok in zip(batch, held, strict=True):
-                if ok:
-                    settle(aj, COMPLETED)
-                else:
-                    _log_moved_on(aj, "ack")
-                    settle(aj, LEASE_LOST)
+            self._settle_acks(batch, held)
             return
+
+    def _settle_acks(self, batch: list[tuple[ActiveJob, Any]], held: list[bool]) -> None:
+        settle = self._settle
+        for (aj, _), ok in zip(batch, held, strict=True):
+            if ok:
+                settle(aj, COMPLETED)
+            else:
+                _log_moved_on(aj, "ack")
+                settle(aj, LEASE_LOST)
 
     async def _ack_one(self, aj: ActiveJob, result: Any) -> None:
         await self._broker.ack(aj.lease, result)
@@ -246,7 +306,7 @@ class Committer:
         return not self._abandoned.is_set()
 
     def _check_idle(self) -> None:
-        if not self._acks and not self._inflight and not self._writing:
+        if not self._acks and not self._inflight and not self._writing and not self._borrowed:
             self._idle.set()
 
     async def flush(self, timeout_s: float) -> bool:

@@ -127,6 +127,19 @@ class AsyncExecutor(BaseExecutor):
         """Await the task's coroutine with ``timeout_s``; return its result or raise its error."""
         self._check_can_run(task)
         args, kwargs = call_arguments(task, ctx)
+        if timeout_s is None:
+            # The common case, kept lean (no timeout context, no timer): cancellation alone
+            # can stop the run.
+            self._running += 1
+            token = current_context.set(ctx)
+            try:
+                return await task.fn(*args, **kwargs)
+            except asyncio.CancelledError:
+                ctx.cancel()
+                raise
+            finally:
+                current_context.reset(token)
+                self._running -= 1
         self._running += 1
         token = current_context.set(ctx)
         loop = asyncio.get_running_loop()
@@ -138,7 +151,7 @@ class AsyncExecutor(BaseExecutor):
             ctx.cancel()
             timeout.reschedule(loop.time())
 
-        timer = None if timeout_s is None else loop.call_later(timeout_s, expire)
+        timer = loop.call_later(timeout_s, expire)
         try:
             try:
                 async with timeout:
@@ -154,8 +167,7 @@ class AsyncExecutor(BaseExecutor):
                 ctx.cancel()
                 raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
             current_context.reset(token)
             self._running -= 1
 

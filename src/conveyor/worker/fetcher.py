@@ -5,6 +5,10 @@ among the executors its tasks use, minus the slots already promised to jobs rese
 started; a full pool means "don't fetch", never "fetch, then requeue with backoff". Reserving
 ``n`` at a time makes a drain one broker round trip per batch, not per job.
 
+Waiting acks of a queue ride along with its reserve (``broker.ack_and_reserve``, see
+:meth:`Committer.take_acks <conveyor.worker.committer.Committer.take_acks>`): refilling the slots
+that finished runs freed costs one round trip, with no ack queued ahead of (or behind) it.
+
 When nothing was reserved the fetcher never sleep-polls: with free capacity it blocks on
 ``broker.wait_for_jobs`` (at most 1 s at a time), and when capacity-bound on the "slot freed"
 event the runner sets when a run ends.
@@ -16,15 +20,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.brokers.base import Broker
 from conveyor.errors import BrokerReadOnly, BrokerUnavailable
-from conveyor.job import Job
+from conveyor.job import Job, Lease
 from conveyor.metrics import Metrics
 from conveyor.worker.circuit import Circuit
 from conveyor.worker.interfaces import Executor
 from conveyor.worker.leases import ActiveJob
+
+if TYPE_CHECKING:
+    from conveyor.worker.committer import Committer
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +127,9 @@ class Fetcher:
         ensure_connected: awaited before each round after an outage.
         burst: return once the queues are drained and nothing runs.
         is_idle: whether the worker holds no job at all (burst mode).
+        committer: whose waiting acks each reserve carries (``ack_and_reserve``); None: none.
+        burst_wait_s: burst mode: a scheduled job of the queues due within this many seconds
+            (a retry in backoff) keeps the fetcher waiting for it; one due later does not.
     """
 
     def __init__(
@@ -135,6 +145,8 @@ class Fetcher:
         ensure_connected: Callable[[], Awaitable[None]],
         burst: bool = False,
         is_idle: Callable[[], bool] = lambda: False,
+        committer: Committer | None = None,
+        burst_wait_s: float = 10.0,
     ) -> None:
         self._broker = broker
         self._queues = list(queues)
@@ -146,6 +158,8 @@ class Fetcher:
         self._ensure_connected = ensure_connected
         self._burst = burst
         self._is_idle = is_idle
+        self._committer = committer
+        self._burst_wait_ms = max(0, round(burst_wait_s * 1000))
         self.circuit = Circuit("fetcher", worker_id)
         self._stopping = False
         self._stop_event = asyncio.Event()
@@ -206,7 +220,13 @@ class Fetcher:
                     self._metrics.fetch_saturated(kind)
                 continue
             free_queues.append(queue)
-            jobs = await broker.reserve(queue, n, lease_s=self.lease_s, worker_id=self.worker_id)
+            acks = self._committer.take_acks(queue) if self._committer is not None else None
+            if acks:
+                jobs = await self._ack_and_reserve(acks, queue, n)
+            else:
+                jobs = await broker.reserve(
+                    queue, n, lease_s=self.lease_s, worker_id=self.worker_id
+                )
             if jobs:
                 reserved = True
                 more = more or len(jobs) >= n
@@ -219,14 +239,64 @@ class Fetcher:
             self.last_reserve_ms = broker.clock.now_ms()
         return reserved, more, free_queues
 
+    async def _ack_and_reserve(
+        self, acks: list[tuple[ActiveJob, Any]], queue: str, n: int
+    ) -> list[Job]:
+        """Reserve with the waiting acks of ``queue``; they go back to the committer on failure.
+
+        Only an outage fails the round (the committer then retries the acks with its own
+        backoff). Any other failure is the acks' business: the committer writes (and, if need
+        be, isolates) them, and this round reserves on its own.
+        """
+        committer = self._committer
+        assert committer is not None
+        items: list[tuple[Lease, Any]] = [(aj.lease, result) for aj, result in acks]
+        try:
+            held, jobs = await self._broker.ack_and_reserve(
+                items, queue, n, lease_s=self.lease_s, worker_id=self.worker_id
+            )
+        except (BrokerUnavailable, BrokerReadOnly):
+            committer.acks_not_written(acks)
+            raise
+        except Exception:
+            logger.warning(
+                "worker %s: ack_and_reserve failed; the committer writes the acks instead",
+                self.worker_id,
+                exc_info=True,
+                extra={"action": "ack_and_reserve", "queue": queue},
+            )
+            committer.acks_not_written(acks)
+            return await self._broker.reserve(
+                queue, n, lease_s=self.lease_s, worker_id=self.worker_id
+            )
+        except BaseException:
+            committer.acks_not_written(acks)
+            raise
+        committer.acks_written(acks, held)
+        return jobs
+
     async def _drained(self, free_queues: list[str]) -> bool:
-        """Burst mode: True when every queue came back empty, nothing runs, nothing is due."""
+        """Burst mode: True when the queues are empty, nothing runs, and nothing is due soon.
+
+        "Soon" is ``burst_wait_s``: a retry in backoff (or any job scheduled that close) keeps
+        the worker until it falls due and has run; the wait blocks on the broker
+        (``wait_for_jobs`` wakes when a scheduled job falls due), it never polls. A job
+        scheduled further out is left for a later worker.
+        """
         if len(free_queues) != len(self._queues) or not self._is_idle():
             return False
+        broker = self._broker
         promoted = 0
         for queue in self._queues:
-            promoted += await self._broker.promote_scheduled(queue)
-        return promoted == 0
+            promoted += await broker.promote_scheduled(queue)
+        if promoted:
+            return False
+        horizon = broker.clock.now_ms() + self._burst_wait_ms
+        for queue in self._queues:
+            due = await broker.next_scheduled_ms(queue)
+            if due is not None and due <= horizon:
+                return False
+        return True
 
     async def _wait(self, free_queues: list[str]) -> None:
         wake = self._slots.wake  # cleared when the round began

@@ -26,15 +26,27 @@ class WorkerLostError(ExecutionError):
 class RemoteError(ExecutionError):
     """The task raised in a process child; ``remote_type`` names the original exception class.
 
+    Retry policies match it by ``remote_type`` (``retry_on``/``give_up_on``), and a
+    :class:`~conveyor.retry.Retry` raised in the child keeps its ``delay_s``.
+
     Attributes:
         remote_type: qualified name of the exception class raised in the child.
         remote_traceback: the traceback text from the child.
+        delay_s: the exception's ``delay_s`` (a ``Retry``'s requested delay), if it had one.
     """
 
-    def __init__(self, remote_type: str, message: str, remote_traceback: str) -> None:
+    def __init__(
+        self,
+        remote_type: str,
+        message: str,
+        remote_traceback: str,
+        *,
+        delay_s: float | None = None,
+    ) -> None:
         super().__init__(f"{remote_type}: {message}")
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
+        self.delay_s = delay_s
 
 
 class Executor(Protocol):

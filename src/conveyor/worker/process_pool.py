@@ -505,7 +505,12 @@ class ProcessExecutor(BaseExecutor):
                     inflight.future.set_result(message.result)
                 else:
                     inflight.future.set_exception(
-                        RemoteError(message.error_type, message.message, message.traceback)
+                        RemoteError(
+                            message.error_type,
+                            message.message,
+                            message.traceback,
+                            delay_s=message.delay_s,
+                        )
                     )
             child.job = None
             if child.state == "busy":

@@ -4,10 +4,14 @@
 * A job that cannot even start (unknown task, arguments that do not bind the task's signature, a
   malformed payload) goes to dead letters at once with reason ``system_error``: never discarded,
   never retried N times for a fault no retry can fix.
-* Otherwise it runs in its executor with ``timeout_s = job.timeout_s``. Success is acked (through
-  the committer's batch) once the result is known to be storable; an exception goes to the job's
-  :class:`~conveyor.retry.RetryPolicy`, whose decision is stored as ``retry`` or ``dead_letter``
-  with the error (``"Type: message"``) and the traceback text. A process child that died
+* Otherwise it runs in its executor with the job's ``timeout_s`` (the registered task's when the
+  job has none: a job enqueued by name where the task is not registered, e.g. from the CLI or
+  the HTTP service, is stored without the task's options). Success is acked (through the
+  committer's batch) once the result is known to be storable; an exception goes to the job's
+  :class:`~conveyor.retry.RetryPolicy` (the task's when the job stores none; see
+  :meth:`RetryPolicy.for_job <conveyor.retry.RetryPolicy.for_job>` for the attempt cap), whose
+  decision is stored as ``retry`` or ``dead_letter`` with the error (``"Type: message"``) and the
+  traceback text. A process child that died
   (:class:`WorkerLostError`) counts as a failed attempt; if that ends in dead letters the reason
   is ``poison``.
 * When its lease is lost (cancelled, deleted, re-delivered) the run is cancelled and nothing is
@@ -114,8 +118,9 @@ class Runner:
         aj.phase = Phase.RUNNING
         slots.fulfil(aj)
         started = time.perf_counter()
+        timeout_s = job.timeout_s if job.timeout_s is not None else task.options.timeout_s
         try:
-            result = await executor.run(task, ctx, job.timeout_s)
+            result = await executor.run(task, ctx, timeout_s)
         except asyncio.CancelledError:
             ctx.cancel()
             slots.freed()
@@ -126,14 +131,14 @@ class Runner:
             slots.freed()
             series.run_time.observe(time.perf_counter() - started)
             if aj.phase is Phase.RUNNING:
-                await self._failed(aj, exc)
+                await self._failed(aj, exc, task.options.retry)
             return
         slots.freed()
         series.run_time.observe(time.perf_counter() - started)
         # A run that ignored its cancellation may finish after a shutdown gave the job back
         # (settled): its outcome is not recorded.
         if aj.phase is Phase.RUNNING:
-            await self._succeeded(aj, result)
+            await self._succeeded(aj, result, task.options.retry)
 
     def _resolve(self, aj: ActiveJob) -> tuple[Task[Any, Any], Executor]:
         job = aj.job
@@ -165,13 +170,15 @@ class Runner:
 
     # -- outcomes --------------------------------------------------------------------------------
 
-    async def _succeeded(self, aj: ActiveJob, result: Any) -> None:
+    async def _succeeded(
+        self, aj: ActiveJob, result: Any, task_policy: RetryPolicy | None = None
+    ) -> None:
         job = aj.job
         if result is not None:
             try:
                 self._codec.check_value(result, what=f"the result of job {job.id} ({job.task})")
             except PayloadError as exc:
-                await self._failed(aj, exc)
+                await self._failed(aj, exc, task_policy)
                 return
         if self._reporter.has_pending(job.id):
             await self._flush_reports(job)
@@ -185,15 +192,22 @@ class Runner:
             payload = _callback_payload(job, "completed", result, None, job.attempts + 1)
             await self._callback(job.on_success, payload, aj.series)
 
-    async def _failed(self, aj: ActiveJob, exc: BaseException) -> None:
+    async def _failed(
+        self, aj: ActiveJob, exc: BaseException, task_policy: RetryPolicy | None = None
+    ) -> None:
         job = aj.job
         series = aj.series
         series.failed += 1
         timed_out = isinstance(exc, JobTimeoutError)
         if timed_out:
             series.timeouts += 1
-        decision = RetryPolicy.for_job(job).decide(
-            job, policy_view(exc), self._clock.now_ms(), timed_out=timed_out
+        policy = RetryPolicy.for_job(job, task_policy)
+        decision = policy.decide(
+            job,
+            policy_view(exc),
+            self._clock.now_ms(),
+            timed_out=timed_out,
+            max_attempts=policy.max_attempts,
         )
         error, trace = describe(exc)
         if self._reporter.has_pending(job.id):
@@ -221,7 +235,7 @@ class Runner:
             job.id,
             job.task,
             job.attempts + 1,
-            job.max_attempts,
+            policy.max_attempts,
             reason,
             error,
             extra={"action": "dead_letter", **extra},

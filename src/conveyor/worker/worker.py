@@ -4,26 +4,25 @@ One supervisor task owns a TaskGroup with every background loop (fetcher, commit
 reaper, heartbeat, loop monitor); a loop that dies is logged loudly, stops the worker gracefully,
 and its exception is raised from :meth:`Worker.run` / :meth:`Worker.wait_closed`. Job runs are
 tasks in a set the worker owns (not in the TaskGroup): a job that ignores cancellation must not be
-able to hold the worker's exit hostage, so the shutdown waits for runs with a bound and moves on.
+able to hold the worker's exit hostage, so the shutdown (its ordered, bounded steps are in
+:mod:`conveyor.worker.shutdown`) waits for runs with a bound and moves on.
 
 The broker: the app's broker belongs to the app. The worker connects it if needed but never closes
 it (close the app, e.g. ``async with app:``). The worker closes only what it opened: the
-heartbeat's own connection (see :mod:`conveyor.worker.leases`).
+heartbeat's own connection (see :mod:`conveyor.worker.heartbeat`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
 import secrets
 import socket
-import time
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from conveyor.errors import BrokerReadOnly, BrokerUnavailable, ConfigurationError
 from conveyor.job import validate_queue_name
@@ -31,18 +30,12 @@ from conveyor.metrics import Metrics
 from conveyor.task import EXECUTOR_KINDS
 from conveyor.worker.committer import Committer
 from conveyor.worker.fetcher import Fetcher, Slots
-from conveyor.worker.leases import (
-    SHUTDOWN,
-    ActiveJob,
-    Heartbeat,
-    HeldJobs,
-    LoopMonitor,
-    Phase,
-    heartbeat_broker_factory,
-)
+from conveyor.worker.heartbeat import Heartbeat, LoopMonitor, heartbeat_broker_factory
+from conveyor.worker.leases import HeldJobs
 from conveyor.worker.reaper import Reaper
 from conveyor.worker.reporter import BrokerReporter
 from conveyor.worker.runner import Runner
+from conveyor.worker.shutdown import shutdown, shutdown_executors
 from conveyor.worker.signals import install as install_signal_handlers
 
 if TYPE_CHECKING:
@@ -51,14 +44,6 @@ if TYPE_CHECKING:
     from conveyor.worker.interfaces import Executor
 
 logger = logging.getLogger(__name__)
-
-# Bounds of the shutdown steps after the grace period (seconds). Together they keep the exit
-# within grace + ~5 s even when the broker is down and jobs ignore cancellation.
-FETCH_STOP_TIMEOUT_S: Final = 0.5
-CANCEL_TIMEOUT_S: Final = 1.0
-RELEASE_AND_FLUSH_TIMEOUT_S: Final = 2.0
-EXECUTOR_SHUTDOWN_TIMEOUT_S: Final = 1.0
-LOOP_STOP_TIMEOUT_S: Final = 0.5
 
 
 def _default_concurrency() -> dict[str, int]:
@@ -78,7 +63,10 @@ class Worker:
         heartbeat_s: how often leases are renewed (and revoked ones noticed, stopping the run).
         scan_interval_s: how often expired leases are recovered and due jobs promoted.
         grace_period_s: how long a stop waits for running jobs before cancelling and releasing.
-        burst: stop by itself once the queues are empty and nothing runs.
+        burst: stop by itself once the queues are empty, nothing runs, and no scheduled job of
+            its queues falls due within ``burst_wait_s`` (so retries in backoff still run; a
+            job scheduled further out is left for a later worker).
+        burst_wait_s: see ``burst``.
         worker_id: recorded on reserved jobs (default: ``host:pid:random``).
         max_commit_batch: the most acks written per broker call.
         install_signals: stop on SIGINT/SIGTERM (first: graceful, second: immediate).
@@ -98,6 +86,7 @@ class Worker:
         scan_interval_s: float = 2.0,
         grace_period_s: float = 10.0,
         burst: bool = False,
+        burst_wait_s: float = 10.0,
         worker_id: str | None = None,
         max_commit_batch: int = 100,
         install_signals: bool = False,
@@ -110,9 +99,15 @@ class Worker:
                 f"heartbeat_s ({heartbeat_s}) must be shorter than lease_s ({lease_s}); "
                 "renew leases several times per lease (e.g. heartbeat_s = lease_s / 4)"
             )
-        if grace_period_s < 0 or callback_timeout_s <= 0 or max_commit_batch < 1:
+        if (
+            grace_period_s < 0
+            or burst_wait_s < 0
+            or callback_timeout_s <= 0
+            or max_commit_batch < 1
+        ):
             raise ConfigurationError(
-                "grace_period_s must be >= 0, callback_timeout_s > 0 and max_commit_batch >= 1"
+                "grace_period_s and burst_wait_s must be >= 0, callback_timeout_s > 0 and "
+                "max_commit_batch >= 1"
             )
         self.app = app
         self.broker: Broker = app.broker
@@ -140,6 +135,7 @@ class Worker:
         self.scan_interval_s = scan_interval_s
         self.grace_period_s = grace_period_s
         self.burst = burst
+        self.burst_wait_s = burst_wait_s
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.max_commit_batch = max_commit_batch
         self.install_signals = install_signals
@@ -176,7 +172,7 @@ class Worker:
             await self._start()
         except BaseException:
             self._state = "stopped"
-            await self._shutdown_executors()
+            await shutdown_executors(self)
             if self._uninstall_capture is not None:
                 self._uninstall_capture()
             _resolve(self._done)
@@ -354,6 +350,8 @@ class Worker:
             ensure_connected=self.app.connect,
             burst=self.burst,
             is_idle=held.idle,
+            committer=self._committer,
+            burst_wait_s=self.burst_wait_s,
         )
         self._reaper = Reaper(
             self.broker,
@@ -406,9 +404,9 @@ class Worker:
                     # Cancelled from outside (the loop is going away): still give the jobs
                     # back, with no grace and within the usual bounds, then re-raise.
                     self.stop(grace_period_s=0)
-                    await self._shutdown()
+                    await shutdown(self)
                     raise
-                await self._shutdown()
+                await shutdown(self)
                 for task in self._loops.values():
                     task.cancel()
         finally:
@@ -461,125 +459,6 @@ class Worker:
             )
             self.stop()
 
-    # -- the shutdown, step by step (the lesson of seed 000) ------------------------------------
-
-    async def _shutdown(self) -> None:
-        # 1. Stop reserving. The reserve in flight may finish (bounded) so that the jobs it
-        #    returns are tracked and released below instead of being left to lease expiry. The
-        #    reaper stops too: recovering other workers' jobs is for live workers.
-        held = self._held
-        held.stopping = True
-        held.parking = True  # jobs the last reserve returns are parked, then released
-        self._fetcher.stop()
-        self._reaper.stop()
-        await _settle_task(self._loops.get("fetcher"), FETCH_STOP_TIMEOUT_S)
-
-        # 2. Let running jobs finish, up to the grace period, while the heartbeat keeps renewing
-        #    their leases. A second signal (stop with grace 0) ends the wait at once.
-        if not held.idle():
-            logger.info(
-                "worker %s stopping: waiting up to %.1f s for %d running job(s)",
-                self.worker_id,
-                self._grace,
-                len(held),
-                extra={"action": "worker_stopping"},
-            )
-            held.check_all_done()
-            await _first(held.all_done.wait(), self._immediate.wait(), timeout_s=self._grace)
-
-        # 3. Cancel what still runs: async runs are cancelled, thread runs abandoned with
-        #    ctx.cancelled set, process children terminated (bounded: a run that ignores
-        #    cancellation is left behind; its late outcome is refused by the broker). Then give
-        #    those jobs back with release (no attempt charged) in shielded cleanup with a
-        #    timeout, so another worker starts them at once instead of after lease expiry.
-        deadline = time.monotonic() + RELEASE_AND_FLUSH_TIMEOUT_S
-        running = [aj for aj in held.active.values() if aj.phase is Phase.RUNNING]
-        for aj in running:
-            aj.stop_reason = aj.stop_reason or SHUTDOWN
-            if aj.task is not None:
-                aj.task.cancel()
-        tasks = [aj.task for aj in running if aj.task is not None and not aj.task.done()]
-        if tasks:
-            await asyncio.wait(tasks, timeout=CANCEL_TIMEOUT_S)
-        # A run that finished just as it was cancelled is committing its outcome: not released.
-        stopped = [aj for aj in running if aj.phase is Phase.RUNNING and aj.stop_reason == SHUTDOWN]
-        await self._release(stopped, deadline)
-
-        # 4. Release the reserved-but-unstarted jobs (the last fetch's parked jobs, and any
-        #    whose run had not begun); they never start here.
-        unstarted = [aj for aj in held.active.values() if aj.phase is Phase.RESERVED]
-        for aj in unstarted:
-            aj.stop_reason = aj.stop_reason or SHUTDOWN
-            if aj.task is not None:
-                aj.task.cancel()
-        await self._release([aj for aj in unstarted if aj.stop_reason == SHUTDOWN], deadline)
-
-        # 5. Flush the committer: acks in the batch, retries and dead letters in flight. Bounded
-        #    with the releases above: with the broker down, the unwritten rest is left to lease
-        #    expiry (at-least-once), then runs still going (callbacks, ignored cancellation)
-        #    are cancelled for good.
-        if not await self._committer.flush(max(0.05, deadline - time.monotonic())):
-            logger.warning(
-                "worker %s: %d outcome(s) could not be stored before the shutdown deadline "
-                "(broker unreachable?); their leases will expire and the jobs run again",
-                self.worker_id,
-                self._committer.pending,
-                extra={"action": "worker_stopping"},
-            )
-        self._committer.abandon()
-        for task in list(held.tasks):
-            task.cancel()
-        if held.tasks:
-            await asyncio.wait(list(held.tasks), timeout=LOOP_STOP_TIMEOUT_S)
-
-        # 6. Shut down the executors (bounded: threads that ignore ctx.cancelled are abandoned).
-        await self._shutdown_executors()
-
-        # 7. Store the last progress and log lines (bounded).
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LOOP_STOP_TIMEOUT_S):
-                await self._reporter.flush()
-
-        # 8. Stop the heartbeat last: leases stayed renewed until every outcome was written.
-        # 9. Close the worker's own broker connection: the heartbeat thread closes it as it
-        #    ends. The app's broker belongs to the app and stays open. The remaining loops
-        #    are cancelled by the caller.
-        self._heartbeat.stop()
-        await _settle_task(self._loops.get("heartbeat"), LOOP_STOP_TIMEOUT_S)
-        await _settle_task(self._loops.get("reaper"), LOOP_STOP_TIMEOUT_S)
-
-    async def _release(self, jobs: list[ActiveJob], deadline: float) -> None:
-        """Release ``jobs`` concurrently, shielded from cancellation, until ``deadline``."""
-        if not jobs:
-            return
-        await _shielded(
-            asyncio.gather(*(self._committer.release(aj) for aj in jobs)),
-            timeout_s=max(0.05, deadline - time.monotonic()),
-        )
-        logger.info(
-            "worker %s released %d unfinished job(s) back to their queues",
-            self.worker_id,
-            len(jobs),
-            extra={"action": "release", "queue": ",".join(sorted({aj.job.queue for aj in jobs}))},
-        )
-
-    async def _shutdown_executors(self) -> None:
-        if not self._executors:
-            return
-        results = await asyncio.gather(
-            *(ex.shutdown(EXECUTOR_SHUTDOWN_TIMEOUT_S) for ex in self._executors.values()),
-            return_exceptions=True,
-        )
-        for kind, result in zip(self._executors, results, strict=True):
-            if isinstance(result, BaseException):
-                logger.error(
-                    "worker %s: the %s executor failed to shut down: %r",
-                    self.worker_id,
-                    kind,
-                    result,
-                    extra={"action": "worker_stopping"},
-                )
-
 
 class _Closing:
     """What :meth:`Worker.stop` returns: awaiting it waits (shielded) for the worker to stop."""
@@ -617,43 +496,6 @@ def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ConfigurationError(f"{name} must be > 0, got {value!r}")
-
-
-async def _first(*aws: Awaitable[Any], timeout_s: float) -> None:
-    """Wait until the first of ``aws`` completes, or ``timeout_s``; cancel the rest."""
-    tasks = [asyncio.ensure_future(aw) for aw in aws]
-    try:
-        await asyncio.wait(tasks, timeout=max(0.0, timeout_s), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _settle_task(task: asyncio.Task[None] | None, timeout_s: float) -> None:
-    """Wait (bounded) for a loop task to end by itself, then cancel it if it has not."""
-    if task is None or task.done():
-        return
-    await asyncio.wait((task,), timeout=timeout_s)
-    if not task.done():
-        task.cancel()
-
-
-async def _shielded(aw: Awaitable[Any], *, timeout_s: float) -> None:
-    """Run cleanup that the caller's cancellation cannot interrupt, bounded by ``timeout_s``."""
-    task = asyncio.ensure_future(aw)
-    try:
-        await asyncio.wait((task,), timeout=timeout_s)
-    except asyncio.CancelledError:
-        # Cancelled ourselves: still give the cleanup its bounded time, then re-raise.
-        await asyncio.wait((task,), timeout=timeout_s)
-        raise
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        elif not task.cancelled():
-            task.exception()  # retrieved: failures were logged where they happened
 
 
 __all__ = ["Worker"]

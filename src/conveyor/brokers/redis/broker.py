@@ -192,7 +192,7 @@ class RedisBroker(Broker):
         """Create the client, check the server answers and load the scripts; idempotent."""
         if self._client is None or self._scripts is None:
             self._client = make_client(self.address, self.options)
-            self._scripts = Scripts(self._client)
+            self._scripts = Scripts(self._client, timeout_s=self.options.socket_timeout_s)
         client, scripts = self._client, self._scripts
         self._closed = False
         with self.boundary("connect"):
@@ -205,7 +205,10 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         """Close every connection (ending subscriptions and waits); idempotent, never raises."""
         self._closed = True
-        client, self._client, self._scripts = self._client, None, None
+        client, self._client = self._client, None
+        scripts, self._scripts = self._scripts, None
+        if scripts is not None:
+            await scripts.close()
         if client is not None:
             # Closing connections to a dead server may fail; there is nothing left to do then.
             with contextlib.suppress(Exception):
@@ -314,6 +317,42 @@ class RedisBroker(Broker):
                         out[i] = code == 1
         return out
 
+    async def ack_and_reserve(
+        self,
+        acks: Sequence[tuple[Lease, Any]],
+        queue: str,
+        n: int,
+        *,
+        lease_s: float,
+        worker_id: str = "",
+    ) -> tuple[list[bool], list[Job]]:
+        """Ack ``acks`` (leases of ``queue``) and reserve up to ``n`` jobs: one script call.
+
+        Batches past the script's size cap fall back to :meth:`ack_many` then :meth:`reserve`.
+        """
+        self._check_ack_queue(acks, queue)
+        if len(acks) > MAX_BATCH or n > MAX_BATCH:
+            return await super().ack_and_reserve(
+                acks, queue, n, lease_s=lease_s, worker_id=worker_id
+            )
+        rows = [
+            (lease.job_id, lease.token, self._result_arg(lease, result)) for lease, result in acks
+        ]
+        args = [
+            *self._common(),
+            pack(rows),
+            max(0, n),
+            max(1, round(lease_s * 1000)),
+            worker_id,
+            secrets.token_hex(8),
+            PROMOTE_ON_RESERVE,
+        ]
+        with self.boundary("ack_and_reserve"):
+            codes, flat = await self.run_script(
+                "ack_and_reserve", self.queue_keys(queue).script_keys, args
+            )
+        return [code == 1 for code in codes], build_jobs(self.codec, flat)
+
     async def _lease_script(self, action: str, lease: Lease, *extra: Any) -> Job:
         args = [*self._common(), lease.job_id, lease.token, *extra]
         with self.boundary(action):
@@ -371,6 +410,13 @@ class RedisBroker(Broker):
                 "promote_scheduled", keys.script_keys, [*self._common(), max(0, limit)]
             )
         return int(count)
+
+    async def next_scheduled_ms(self, queue: str) -> int | None:
+        """The earliest ``run_at_ms`` of the scheduled jobs of ``queue``, or None."""
+        key = self.queue_keys(queue).states[JobState.SCHEDULED]
+        with self.boundary("next_scheduled_ms"):
+            first = await self.redis.zrange(key, 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
 
     # -- control plane ---------------------------------------------------------------------------
 

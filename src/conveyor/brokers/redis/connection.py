@@ -41,6 +41,8 @@ class RedisOptions:
         connect_timeout_s: the longest a connection attempt may take.
         health_check_interval_s: an idle pooled connection is PINGed before reuse after this long.
         max_connections: the pool size cap (None: unbounded; each blocked waiter holds one).
+            Lua scripts (the transitions) run on a lane of connections of their own (see
+            :mod:`.scripts`): one per script call in flight, at most 8 kept idle.
     """
 
     socket_timeout_s: float = 5.0

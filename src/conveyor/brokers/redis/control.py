@@ -44,6 +44,15 @@ async def redrive(broker: RedisBroker, queue: str, job_ids: Sequence[str] | None
         else:
             ids = list(dict.fromkeys(job_ids))  # a repeated id is re-driven once
             flag = "1"
+        if ids:
+            # Enqueue order (the seq is the score in `all`; unknown ids last): of two re-driven
+            # jobs with one dedup key, the older keeps it.
+            seqs = await broker.redis.zmscore(keys.all, ids)
+            order = {
+                job_id: s if s is not None else float("inf")
+                for job_id, s in zip(ids, seqs, strict=True)
+            }
+            ids.sort(key=order.__getitem__)
         count = 0
         for start in range(0, len(ids), REMOVE_CHUNK):
             chunk = ids[start : start + REMOVE_CHUNK]

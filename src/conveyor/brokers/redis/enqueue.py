@@ -1,11 +1,19 @@
 """Enqueue on Redis: index the ids globally, then store each queue's jobs with one script call.
 
-Two steps, because the global index (job id -> queue) and a queue's keys live in different
-Cluster slots. ``index_jobs.lua`` runs first (a crash in between leaves index entries that point
-at no job, which read as "not found"); ``enqueue.lua`` then stores a queue's jobs all or nothing.
-Index entries this call created for jobs that were not stored (deduplicated, or a refused
-batch) are removed afterwards. Batches are cut into chunks of :data:`ENQUEUE_CHUNK` jobs so no
-script call blocks Redis for long; each chunk is atomic per queue.
+On Redis Cluster, two steps, because the global index (job id -> queue) and a queue's keys live
+in different slots. ``index_jobs.lua`` runs first (a crash in between leaves index entries that
+point at no job, which read as "not found"); ``enqueue.lua`` then stores a queue's jobs all or
+nothing. Index entries this call created for jobs that were not stored (deduplicated, or a
+refused batch) are removed afterwards.
+
+On a single server (``multi_queue_commands``), a chunk of one queue's jobs (the usual batch)
+takes one step: ``index_and_enqueue.lua`` does both in one call, all or nothing, so a producer
+pays one round trip per enqueue, not two (measured: the index step was ~0.25 ms of a ~0.75 ms
+enqueue). A job id indexed in another queue sends the chunk down the two-step path, which tells
+a stale index entry from a live one; so do chunks spanning queues.
+
+Batches are cut into chunks of :data:`ENQUEUE_CHUNK` jobs so no script call blocks Redis for
+long; each chunk is atomic per queue.
 """
 
 from __future__ import annotations
@@ -74,6 +82,52 @@ async def _enqueue_chunk(broker: RedisBroker, jobs: list[Job]) -> list[str]:
     by_queue: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
         by_queue.setdefault(job.queue, []).append(i)
+    if broker.multi_queue_commands and len(by_queue) == 1:
+        # One queue (the usual batch): one call, all or nothing. Several queues keep the two
+        # steps, whose index step checks every queue's ids before any queue is written.
+        [queue] = by_queue
+        stored = await _enqueue_one_step(broker, queue, jobs)
+        if stored is not None:
+            return stored
+        # An id is indexed in another queue: the two steps tell a stale entry from a live one.
+    return await _enqueue_two_steps(broker, jobs, by_queue)
+
+
+async def _enqueue_one_step(broker: RedisBroker, queue: str, jobs: list[Job]) -> list[str] | None:
+    """``index_and_enqueue`` for one queue's jobs; None if an id is indexed in another queue."""
+    keys = broker.queue_keys(queue)
+    bases: list[int] = []
+    for job in jobs:
+        if job.state is JobState.QUEUED:
+            bases.append(job.priority.rank * RANK_SPAN)
+        elif job.state is JobState.SCHEDULED:
+            bases.append(job.run_at_ms)
+        else:
+            bases.append(0)
+    args = [
+        broker.clock.now_ms(),
+        broker.event_retention,
+        queue,
+        pack(bases),
+        *_columns(broker, jobs, list(range(len(jobs)))),
+    ]
+    reply = await broker.run_script(
+        "index_and_enqueue", (*keys.script_keys, *broker.global_keys.script_keys), args
+    )
+    if reply[0] < 0:
+        if len(reply) > 2:
+            return None
+        raise InvalidJobError(f"job id {text(reply[1])!r} {_IN_USE}")
+    out = [job.id for job in jobs]
+    # The reply lists only the deduplicated jobs: (1-based position, live id) pairs.
+    for k in range(1, len(reply), 2):
+        out[reply[k] - 1] = text(reply[k + 1])
+    return out
+
+
+async def _enqueue_two_steps(
+    broker: RedisBroker, jobs: list[Job], by_queue: dict[str, list[int]]
+) -> list[str]:
     first_seq, existing, columns = await _index_while_encoding(broker, jobs, by_queue)
     created = [job.id for job in jobs if job.id not in existing]
     out = [""] * len(jobs)

@@ -26,9 +26,11 @@ class JobMeta(msgspec.Struct, omit_defaults=True):
 
     Fields without defaults are always present, so scripts can do arithmetic on them; optional
     fields are omitted when unset (a Lua ``nil``), never ``null`` (cjson's ``null`` is truthy).
-    ``task``, ``rank``, ``max_*`` and ``dedup_key`` are copies of immutable fields that the
-    scripts need without decoding the record. The sequence number is not here: it is the job's
-    score in the queue's ``all`` zset (so metas can be encoded before it is allocated).
+    ``task``, ``rank`` and ``max_*`` are copies of immutable fields that the scripts need without
+    decoding the record; ``dedup_key`` too, except that a redrive drops it when another live job
+    holds the key (the meta's value wins over the record's). The sequence number is not here: it
+    is the job's score in the queue's ``all`` zset (so metas can be encoded before it is
+    allocated).
     """
 
     state: JobState
@@ -105,6 +107,7 @@ def apply_meta(job: Job, meta: JobMeta) -> Job:
     job.lease_token = meta.lease_token
     job.lease_expires_ms = meta.lease_expires_ms
     job.worker_id = meta.worker_id
+    job.dedup_key = meta.dedup_key  # redrive may drop it (another live job holds the key)
     return job
 
 

@@ -276,6 +276,26 @@ class SQLiteBroker(Broker):
         encoded = [(lease, self._encode_result(lease, result)) for lease, result in items]
         return await self._write(False, self._ops.ack_many, encoded)
 
+    async def ack_and_reserve(
+        self,
+        acks: Sequence[tuple[Lease, Any]],
+        queue: str,
+        n: int,
+        *,
+        lease_s: float,
+        worker_id: str = "",
+    ) -> tuple[list[bool], list[Job]]:
+        """:meth:`ack_many` of ``acks`` (leases of ``queue``), then :meth:`reserve`: one commit.
+
+        One trip to the database thread and one commit instead of two of each.
+        """
+        self._check_ack_queue(acks, queue)
+        encoded = [(lease, self._encode_result(lease, result)) for lease, result in acks]
+        lease_ms = round(lease_s * 1000)
+        return await self._write(
+            False, self._ops.ack_and_reserve, encoded, queue, n, lease_ms, worker_id or None
+        )
+
     async def retry(
         self,
         lease: Lease,
@@ -310,6 +330,11 @@ class SQLiteBroker(Broker):
         """``scheduled`` -> ``queued`` for jobs of ``queue`` whose ``run_at_ms`` has come; count."""
         return await self._write(True, self._ops.promote_scheduled, queue, max(limit, 0))
 
+    async def next_scheduled_ms(self, queue: str) -> int | None:
+        """The earliest ``run_at_ms`` of the scheduled jobs of ``queue``, or None."""
+        _, earliest = await self._db.read(Transitions.wait_state, [queue])
+        return earliest
+
     # -- control plane ---------------------------------------------------------------------------
 
     async def cancel(self, job_id: str) -> Job:
@@ -323,7 +348,7 @@ class SQLiteBroker(Broker):
     async def redrive(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
         """Dead letters (and, by id, stopped jobs) of ``queue`` back to ``queued``, reset.
 
-        A job whose ``dedup_key`` is now held by another live job is skipped (not counted).
+        A job whose ``dedup_key`` another live job holds now is re-driven without it.
         """
         ids = None if job_ids is None else list(dict.fromkeys(job_ids))
         if ids == []:

@@ -145,6 +145,24 @@ UPDATE jobs SET
     lease_expires_ms = NULL
 WHERE id = :id AND state = 'running' AND lease_token = :token
 
+-- name: ack_leases
+-- ack_many for the items without a result: :leases is a JSON array of [job_id, token]; one
+-- statement for the batch (an executemany of "ack" costs one statement per job); returns the ids
+-- of the jobs acked.
+UPDATE jobs SET
+    state = 'completed',
+    attempts = attempts + 1,
+    finished_ms = :now,
+    result = NULL,
+    lease_token = NULL,
+    lease_expires_ms = NULL
+FROM (
+    SELECT json_extract(value, '$[0]') AS job_id, json_extract(value, '$[1]') AS token
+    FROM json_each(:leases)
+) AS l
+WHERE jobs.id = l.job_id AND jobs.state = 'running' AND jobs.lease_token = l.token
+RETURNING jobs.id
+
 -- name: retry
 UPDATE jobs SET
     state = CASE WHEN :run_at > :now THEN 'scheduled' ELSE 'queued' END,
@@ -256,34 +274,48 @@ RETURNING seq, id, task, queue, payload, options, state, priority, attempts, max
 -- name: delete
 DELETE FROM jobs WHERE id = :id RETURNING id, queue, task
 
--- name: redrive
--- Every failed job of :queue. OR IGNORE: a job whose dedup_key is now held by a live job stays
--- where it is instead of breaking the one-live-job-per-key rule.
-UPDATE OR IGNORE jobs SET
-    state = 'queued',
-    attempts = 0,
-    lost_leases = 0,
-    finished_ms = NULL,
-    result = NULL,
-    error = NULL,
-    traceback = NULL,
-    failure_reason = NULL
-WHERE queue = :queue AND state = 'failed'
-RETURNING id
+-- name: redrive_candidates
+-- The failed jobs of :queue, in enqueue order.
+SELECT id FROM jobs WHERE queue = :queue AND state = 'failed' ORDER BY seq
 
--- name: redrive_ids
--- The failed or stopped jobs of :queue among :ids (a JSON array); see redrive.
-UPDATE OR IGNORE jobs SET
-    state = 'queued',
-    attempts = 0,
-    lost_leases = 0,
-    finished_ms = NULL,
-    result = NULL,
-    error = NULL,
-    traceback = NULL,
-    failure_reason = NULL
+-- name: redrive_candidates_by_id
+-- The failed or stopped jobs of :queue among :ids (a JSON array), in enqueue order.
+SELECT id FROM jobs
 WHERE queue = :queue AND state IN ('failed', 'stopped')
     AND id IN (SELECT value FROM json_each(:ids))
+ORDER BY seq
+
+-- name: redrive_drop_dedup
+-- Jobs about to be re-driven (:ids, a JSON array) give up their dedup_key when a live job holds
+-- it now, or an earlier job of this redrive claims it: one key keeps at most one live job, and
+-- nothing is skipped.
+UPDATE jobs SET dedup_key = NULL
+WHERE id IN (SELECT value FROM json_each(:ids)) AND dedup_key IS NOT NULL
+    AND (
+        EXISTS (
+            SELECT 1 FROM jobs AS o
+            WHERE o.queue = jobs.queue AND o.dedup_key = jobs.dedup_key
+                AND o.state IN ('pending', 'queued', 'scheduled', 'running')
+        )
+        OR EXISTS (
+            SELECT 1 FROM jobs AS o
+            WHERE o.queue = jobs.queue AND o.dedup_key = jobs.dedup_key AND o.seq < jobs.seq
+                AND o.id IN (SELECT value FROM json_each(:ids))
+        )
+    )
+
+-- name: redrive
+-- The jobs :ids (a JSON array; checked by redrive_candidates*) back to queued, reset.
+UPDATE jobs SET
+    state = 'queued',
+    attempts = 0,
+    lost_leases = 0,
+    finished_ms = NULL,
+    result = NULL,
+    error = NULL,
+    traceback = NULL,
+    failure_reason = NULL
+WHERE id IN (SELECT value FROM json_each(:ids))
 RETURNING id
 
 -- name: purge

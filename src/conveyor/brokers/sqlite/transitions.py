@@ -203,6 +203,10 @@ class Transitions:
         self, conn: sqlite3.Connection, items: Sequence[tuple[Lease, bytes | None]]
     ) -> list[bool]:
         """Ack every held lease of ``items`` in this one transaction; per item, whether it was."""
+        if all(result is None for _, result in items):
+            by_id = {lease.job_id: lease.token for lease, _ in items}
+            if len(by_id) == len({(lease.job_id, lease.token) for lease, _ in items}):
+                return self._ack_without_results(conn, items)
         leases = [lease for lease, _ in items]
         held = set(conn.execute(Q["held_leases"], {"leases": _leases_json(leases)}))
         now = self.clock.now_ms()
@@ -220,6 +224,37 @@ class Transitions:
             conn.executemany(Q["ack"], params)
             self._emit_state(conn, [p["id"] for p in params], Transition.ACK, now)
         return out
+
+    def _ack_without_results(
+        self, conn: sqlite3.Connection, items: Sequence[tuple[Lease, bytes | None]]
+    ) -> list[bool]:
+        """ack_many of result-less items, one token per job: one UPDATE for the batch."""
+        now = self.clock.now_ms()
+        leases = [lease for lease, _ in items]
+        acked = {
+            row[0]
+            for row in conn.execute(Q["ack_leases"], {"leases": _leases_json(leases), "now": now})
+        }
+        out: list[bool] = []
+        for lease in leases:
+            out.append(lease.job_id in acked)
+            acked.discard(lease.job_id)  # a repeated lease acks once
+        emitted = [lease.job_id for lease, ok in zip(leases, out, strict=True) if ok]
+        self._emit_state(conn, emitted, Transition.ACK, now)
+        return out
+
+    def ack_and_reserve(
+        self,
+        conn: sqlite3.Connection,
+        items: Sequence[tuple[Lease, bytes | None]],
+        queue: str,
+        n: int,
+        lease_ms: int,
+        worker_id: str | None,
+    ) -> tuple[list[bool], list[Job]]:
+        """:meth:`ack_many` then :meth:`reserve`, in this one transaction."""
+        held = self.ack_many(conn, items) if items else []
+        return held, self.reserve(conn, queue, n, lease_ms, worker_id)
 
     def _finish_lease(
         self,
@@ -315,10 +350,16 @@ class Transitions:
     def redrive(self, conn: sqlite3.Connection, queue: str, job_ids: list[str] | None) -> int:
         """Dead letters (and, by id, stopped jobs) back to ``queued``, reset; the count."""
         if job_ids is None:
-            cursor = conn.execute(Q["redrive"], {"queue": queue})
+            cursor = conn.execute(Q["redrive_candidates"], {"queue": queue})
         else:
-            cursor = conn.execute(Q["redrive_ids"], {"queue": queue, "ids": _json(job_ids)})
+            params = {"queue": queue, "ids": _json(job_ids)}
+            cursor = conn.execute(Q["redrive_candidates_by_id"], params)
         ids = [row[0] for row in cursor]
+        if not ids:
+            return 0
+        chosen = {"ids": _json(ids)}
+        conn.execute(Q["redrive_drop_dedup"], chosen)
+        conn.execute(Q["redrive"], chosen).fetchall()
         self._emit_state(conn, ids, Transition.REDRIVE, self.clock.now_ms())
         return len(ids)
 

@@ -4,7 +4,7 @@
   Each item is checked on its own: a job that is gone returns JOB_NOT_FOUND, a token that is not
   the job's current one (expired and re-delivered, cancelled, already finished, or acked earlier
   in this batch) LEASE_LOST, and nothing changes for that item. Writes are batched: one
-  HMGET/HSET/ZREM/ZADD for the batch, one XADD per acked job.
+  HMGET/HSET/ZREM/ZADD for the batch, one XADD per acked job (includes/ack_items.lua).
 
   Input:
     KEYS[1..15]  the queue key set; touches meta, results, running, completed, dedup, events
@@ -17,44 +17,6 @@
     array with, per item, 1 (acked), -1 (JOB_NOT_FOUND) or -2 (LEASE_LOST)
 ]]
 -- @include queue
+-- @include ack_items
 
-local items = cmsgpack.unpack(ARGV[3])
-local ids = {}
-for i, item in ipairs(items) do ids[i] = item[1] end
-local metas = redis.call('HMGET', K_META, unpack(ids))
-local out, done = {}, {}
-local saved, finished, completed, results = {}, {}, {}, {}
-for i, item in ipairs(items) do
-  local id = item[1]
-  if not metas[i] then
-    out[i] = JOB_NOT_FOUND
-  else
-    local m = cjson.decode(metas[i])
-    if done[id] or m.state ~= 'running' or m.lease_token ~= item[2] then
-      out[i] = LEASE_LOST
-    else
-      done[id] = true
-      m.attempts = m.attempts + 1
-      m.finished_ms = NOW
-      clear_lease(m)
-      m.state = 'completed'
-      saved[#saved + 1] = id
-      saved[#saved + 1] = cjson.encode(m)
-      finished[#finished + 1] = id
-      completed[#completed + 1] = NOW
-      completed[#completed + 1] = id
-      if item[3] ~= '' then
-        results[#results + 1] = id
-        results[#results + 1] = item[3]
-      end
-      release_dedup(id, m)
-      emit_state(id, m, 'ack')
-      out[i] = 1
-    end
-  end
-end
-call_many('HSET', K_META, saved)
-call_many('ZREM', K_STATE.running, finished)
-call_many('ZADD', K_STATE.completed, completed)
-call_many('HSET', K_RESULTS, results)
-return out
+return ack_items(cmsgpack.unpack(ARGV[3]))

@@ -4,7 +4,9 @@
   Attempts, lost leases, error, traceback, failure reason, finished_ms and the result are reset
   (a repeated id counts once: the second sight finds it queued); the job
   takes its original place (priority, then enqueue order) and claims its dedup key again if it
-  is free. Ids that are gone or in another state are skipped.
+  is free; if another live job holds the key, the job is re-driven without it (its dedup_key is
+  dropped), so nothing is skipped and one key keeps at most one live job. Ids that are gone or
+  in another state are skipped.
 
   Input:
     KEYS[1..15]  the queue key set; touches meta, results, failed, stopped, queued, dedup, events, notify

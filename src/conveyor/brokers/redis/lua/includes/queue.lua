@@ -94,11 +94,20 @@ local function release_dedup(id, m)
   end
 end
 
+-- A job coming back to life (redrive) claims its dedup key again if it is free (or held by a
+-- job that is gone or finished: a stale entry). If another live job holds it, the job drops its
+-- claim (m.dedup_key = nil): it runs, but never as the key's holder, so one key keeps at most
+-- one live job.
 local function claim_dedup(id, m)
   if m.dedup_key and redis.call('HSETNX', K_DEDUP, m.dedup_key, id) == 0 then
     local holder = redis.call('HGET', K_DEDUP, m.dedup_key)
-    if holder ~= id and not redis.call('HGET', K_META, holder) then
-      redis.call('HSET', K_DEDUP, m.dedup_key, id) -- a stale entry: take it over
+    if holder ~= id then
+      local held = load_meta(holder)
+      if held and LIVE[held.state] then
+        m.dedup_key = nil
+      else
+        redis.call('HSET', K_DEDUP, m.dedup_key, id) -- a stale entry: take it over
+      end
     end
   end
 end
@@ -106,27 +115,32 @@ end
 -- Event ids are "<server time in microseconds>-<n>", never below the stream's last id: scripts
 -- run one at a time, so ids of different queues' streams are ordered too and a cursor taken
 -- from one stream is a valid position in every other (a subscriber follows many with one id).
--- The stream is trimmed once per script call, before its first event (cheaper than a MAXLEN on
--- every XADD; the stream may exceed the retention by one call's events).
-local event_id_cache = nil
-local function event_id()
-  if not event_id_cache then
-    redis.call('XTRIM', K_EVENTS, 'MAXLEN', '~', RETENTION)
-    local t = redis.call('TIME')
-    local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- The first event of a call asks for "<TIME in us>-*" and trims the stream (MAXLEN ~, cheaper
+-- than on every XADD; the stream may exceed the retention by one call's events); the rest of
+-- the call's events reuse that id base. Only if the server clock went back behind the stream's
+-- last id (XADD refuses the id) is that id read, and the call continues after it. The common
+-- path is thus TIME plus the XADDs: every extra command is paid on the worker's critical path.
+local event_base = nil
+local function emit_first(kind, id, ...)
+  local t = redis.call('TIME')
+  local base = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])) .. '-*'
+  local added = redis.pcall(
+    'XADD', K_EVENTS, 'MAXLEN', '~', RETENTION, base, 'k', kind, 'j', id, 'ts', NOW, ...)
+  if type(added) == 'table' and added.err then
     local last = redis.call('XREVRANGE', K_EVENTS, '+', '-', 'COUNT', 1)[1]
-    if last then
-      local last_us = tonumber(string.match(last[1], '^(%d+)'))
-      if last_us > us then us = last_us end
-    end
-    event_id_cache = string.format('%.0f', us) .. '-*'
+    base = string.match(last[1], '^(%d+)') .. '-*'
+    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', RETENTION, base, 'k', kind, 'j', id, 'ts', NOW, ...)
   end
-  return event_id_cache
+  event_base = base
 end
 
 -- Publish one event (field/value pairs after the common ones).
 local function emit(kind, id, ...)
-  redis.call('XADD', K_EVENTS, event_id(), 'k', kind, 'j', id, 'ts', NOW, ...)
+  if event_base then
+    redis.call('XADD', K_EVENTS, event_base, 'k', kind, 'j', id, 'ts', NOW, ...)
+  else
+    emit_first(kind, id, ...)
+  end
 end
 
 -- Publish a 'state' event for a job that just entered m.state through `transition`.
