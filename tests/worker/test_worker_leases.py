@@ -16,6 +16,7 @@ from worker_helpers import eventually, finished, running
 from conveyor import Conveyor, JobContext, JobState
 from conveyor.brokers import open_broker
 from conveyor.clock import FakeClock
+from conveyor.worker import Worker
 
 
 async def _cancel_and_time(app: Conveyor, job_id: str, stopped: threading.Event) -> float:
@@ -42,7 +43,7 @@ async def test_cancel_stops_a_running_async_job_within_a_second(app_url: str) ->
 
     async with app:
         handle = await async_long.enqueue()
-        async with running(app, heartbeat_s=0.5) as worker:  # the default heartbeat
+        async with running(app, heartbeat_s=Worker.DEFAULT_HEARTBEAT_S) as worker:
             await begun.wait()
             took = await _cancel_and_time(app, handle.id, stopped)
             await eventually(lambda: worker.health()["running"] == 0)
@@ -67,7 +68,7 @@ async def test_cancel_stops_a_running_thread_job_within_a_second(app_url: str) -
 
     async with app:
         handle = await thread_long.enqueue()
-        async with running(app, heartbeat_s=0.5) as worker:
+        async with running(app, heartbeat_s=Worker.DEFAULT_HEARTBEAT_S) as worker:
             await asyncio.to_thread(begun.wait, 5)
             took = await _cancel_and_time(app, handle.id, stopped)
             await eventually(lambda: worker.health()["running"] == 0)
@@ -94,7 +95,7 @@ async def test_cancel_stops_a_running_process_job_within_a_second(
 
     async with app:
         handle = await proc_wait.enqueue(str(pid_file), 60)
-        async with running(app, heartbeat_s=0.5, concurrency={"process": 1}):
+        async with running(app, heartbeat_s=Worker.DEFAULT_HEARTBEAT_S, concurrency={"process": 1}):
             await eventually(pid_file.exists, timeout_s=20, what="the child started")
             await eventually(lambda: pid_file.read_text(), what="the pid written")
             pid = int(pid_file.read_text())

@@ -144,7 +144,7 @@ def worker(
         "queues": split_csv(queues),
         "lease_s": lease,
         # renew several times per lease, however short the operator made it
-        "heartbeat_s": min(0.5, lease / 4),
+        "heartbeat_s": min(0.25, lease / 4),
         "grace_period_s": grace_period,
         "burst": burst,
         "install_signals": True,

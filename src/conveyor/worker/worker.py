@@ -22,7 +22,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from conveyor.errors import BrokerReadOnly, BrokerUnavailable, ConfigurationError
 from conveyor.job import validate_queue_name
@@ -75,6 +75,9 @@ class Worker:
             :mod:`conveyor.worker.capture`; lowers the root logger to INFO while running).
     """
 
+    #: Leases are renewed, and revoked ones (cancel, delete) noticed, this often by default.
+    DEFAULT_HEARTBEAT_S: ClassVar[float] = 0.25
+
     def __init__(
         self,
         app: Conveyor,
@@ -82,7 +85,7 @@ class Worker:
         queues: Sequence[str] | None = None,
         concurrency: Mapping[str, int] | None = None,
         lease_s: float = 10.0,
-        heartbeat_s: float = 0.5,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         scan_interval_s: float = 2.0,
         grace_period_s: float = 10.0,
         burst: bool = False,
