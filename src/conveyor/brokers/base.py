@@ -506,3 +506,23 @@ class Broker(abc.ABC):
 def all_states_zero() -> dict[JobState, int]:
     """A counts row with every state at zero."""
     return dict.fromkeys(JobState, 0)
+
+
+def parse_states(states: Iterable[JobState | str]) -> frozenset[JobState]:
+    """States given by value or name (a single string is one state); InvalidJobError lists them."""
+    if isinstance(states, str):
+        states = [states]
+    try:
+        return frozenset(JobState(s) for s in states)
+    except ValueError as exc:
+        raise InvalidJobError(f"{exc}; use states from: {', '.join(JobState)}") from None
+
+
+def parse_int(value: str, what: str, broker: str) -> int:
+    """An integer cursor or event id that ``broker`` handed out; InvalidJobError otherwise."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InvalidJobError(
+            f"invalid {what} {value!r} for the {broker} broker; pass one it returned"
+        ) from None

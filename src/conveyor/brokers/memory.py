@@ -31,6 +31,8 @@ from conveyor.brokers.base import (
     JobPage,
     LogPage,
     all_states_zero,
+    parse_int,
+    parse_states,
 )
 from conveyor.clock import Clock
 from conveyor.codec import Codec
@@ -416,7 +418,7 @@ class MemoryBroker(Broker):
 
     async def purge(self, queue: str, states: Iterable[JobState] | None = None) -> int:
         """Delete the jobs of ``queue`` in ``states`` (default: pending, queued, scheduled)."""
-        wanted = PURGEABLE_STATES if states is None else _parse_states(states)
+        wanted = PURGEABLE_STATES if states is None else parse_states(states)
         if _S.RUNNING in wanted:
             raise InvalidJobError(
                 "purge never removes running jobs; cancel them first, then purge 'stopped'"
@@ -517,8 +519,8 @@ class MemoryBroker(Broker):
         """Jobs matching the filters, newest enqueue first; ``cursor`` is the last seen sequence."""
         if not 1 <= limit <= 1000:
             raise InvalidJobError(f"list_jobs limit must be 1-1000, got {limit!r}")
-        wanted = None if states is None else _parse_states(states)
-        before = _parse_int(cursor, "cursor") if cursor is not None else None
+        wanted = None if states is None else parse_states(states)
+        before = parse_int(cursor, "cursor", "memory") if cursor is not None else None
         jobs: list[Job] = []
         # A linear scan from the newest: fine for an in-process store, and the sequence cursor
         # (not an offset) means jobs added between pages never shift or repeat later pages.
@@ -556,7 +558,7 @@ class MemoryBroker(Broker):
         after: str | None = None,
     ) -> AsyncIterator[JobEvent]:
         """Stream job events; "new" means published after this call. Ends when the broker closes."""
-        start = self._event_seq if after is None else _parse_int(after, "event id")
+        start = self._event_seq if after is None else parse_int(after, "event id", "memory")
         return self._stream(start, queue, job_id)
 
     async def _stream(
@@ -737,22 +739,6 @@ def _to_event(record: _EventRecord) -> JobEvent:
     fields = dict(zip(_EVENT_FIELDS, record, strict=True))
     fields["id"] = str(fields["id"])
     return JobEvent(**fields)
-
-
-def _parse_states(states: Iterable[JobState | str]) -> frozenset[JobState]:
-    try:
-        return frozenset(JobState(s) for s in states)
-    except ValueError as exc:
-        raise InvalidJobError(f"{exc}; use states from: {', '.join(JobState)}") from None
-
-
-def _parse_int(value: str, what: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise InvalidJobError(
-            f"invalid {what} {value!r} for the memory broker; pass one it returned"
-        ) from None
 
 
 __all__ = ["MemoryBroker"]

@@ -29,6 +29,8 @@ from conveyor.brokers.base import (
     JobEvent,
     JobPage,
     LogPage,
+    parse_int,
+    parse_states,
 )
 from conveyor.brokers.sqlite.connection import Database
 from conveyor.brokers.sqlite.options import (
@@ -357,7 +359,7 @@ class SQLiteBroker(Broker):
 
     async def purge(self, queue: str, states: Iterable[JobState] | None = None) -> int:
         """Delete the jobs of ``queue`` in ``states`` (default: pending, queued, scheduled)."""
-        wanted = PURGEABLE_STATES if states is None else _parse_states(states)
+        wanted = PURGEABLE_STATES if states is None else parse_states(states)
         if JobState.RUNNING in wanted:
             raise InvalidJobError(
                 "purge never removes running jobs; cancel them first, then purge 'stopped'"
@@ -410,8 +412,8 @@ class SQLiteBroker(Broker):
         """Jobs matching the filters, newest enqueue first; ``cursor`` is the last seen sequence."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidJobError(f"list_jobs limit must be 1-1000, got {limit!r}")
-        wanted = None if states is None else sorted(str(s) for s in _parse_states(states))
-        before = None if cursor is None else _parse_int(cursor, "cursor")
+        wanted = None if states is None else sorted(str(s) for s in parse_states(states))
+        before = None if cursor is None else parse_int(cursor, "cursor", "SQLite")
         jobs, next_seq = await self._db.read(
             self._ops.list_jobs, queue, wanted, task, limit, before
         )
@@ -439,7 +441,7 @@ class SQLiteBroker(Broker):
         Events of other processes arrive within ``poll_interval_ms``.
         """
         if after is not None:
-            return self._stream(_parse_int(after, "event id"), queue, job_id)
+            return self._stream(parse_int(after, "event id", "SQLite"), queue, job_id)
         # Queued on the database thread now, so every write this process submits after this
         # call is ordered after the cursor read, even before the iterator is first awaited.
         start = self._db.submit(False, Transitions.last_event_id)
@@ -466,21 +468,3 @@ class SQLiteBroker(Broker):
                 yield event
             if len(events) < _EVENT_PAGE:
                 await _wait(woken, self._poll_s)
-
-
-def _parse_states(states: Iterable[JobState | str]) -> frozenset[JobState]:
-    if isinstance(states, str):
-        states = [states]
-    try:
-        return frozenset(JobState(s) for s in states)
-    except ValueError as exc:
-        raise InvalidJobError(f"{exc}; use states from: {', '.join(JobState)}") from None
-
-
-def _parse_int(value: str, what: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise InvalidJobError(
-            f"invalid {what} {value!r} for the SQLite broker; pass one it returned"
-        ) from None
