@@ -36,7 +36,8 @@ from conveyor.errors import ConfigurationError, UnknownTask
 
 HERE = Path(__file__).parent
 EXAMPLE = HERE / "seed002_example.py"
-SEED_GLOB = "/work/shared/seeds/002_*.txt"
+# The seed documents live in shared/ beside the checkout (where this checkout has them).
+SEED_GLOB = str(Path(__file__).resolve().parents[3] / "shared" / "seeds" / "002_*.txt")
 
 ORIGINAL_IMPORTS = (
     "from queue_system import QueueConfig, QueueManager, QueueWorker, QueueRetryConfig\n"

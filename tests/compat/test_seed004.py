@@ -53,7 +53,8 @@ from conveyor.errors import (
 )
 from conveyor.job import FailureReason, JobState
 
-SEED_GLOB = "/work/shared/seeds/004_*.txt"
+# The seed documents live in shared/ beside the checkout (where this checkout has them).
+SEED_GLOB = str(Path(__file__).resolve().parents[3] / "shared" / "seeds" / "004_*.txt")
 SEED_IMPORT = "from mcp_proxy_adapter.integrations.queuemgr_integration import"
 COMPAT_IMPORT = "from conveyor.compat.seed004 import"
 FINISHED = {"completed", "failed", "stopped"}
