@@ -456,3 +456,20 @@ def test_a_worker_abandoned_by_asyncio_run_still_releases_its_jobs(url_for: Any)
     job = asyncio.run(check())
     assert job.state is JobState.QUEUED
     assert job.attempts == 0
+
+
+async def test_named_executors_run_tasks_registered_after_the_worker_was_built() -> None:
+    app = Conveyor("memory://")
+    with pytest.raises(ConfigurationError, match="executors"):
+        Worker(app, executors=["gpu"])
+    async with app:
+        worker = Worker(app, queues=["late"], executors=["async", "thread"], heartbeat_s=0.1)
+        assert worker.queue_kinds == {"late": ["async", "thread"]}
+        async with worker:
+
+            @app.task(name="t.late_sync", queue="late", executor="thread")
+            def late_sync(x: int) -> int:
+                return x * 2
+
+            handle = await late_sync.enqueue(21)
+            assert await handle.result(timeout_s=10) == 42

@@ -128,20 +128,17 @@ class QueueWorker:
         concurrency = {"async": self.max_workers, "thread": self.thread_pool_size}
         if self.process_pool_size:
             concurrency["process"] = self.process_pool_size
+        # Operations may name new processors of either kind later (a function is registered by
+        # its first enqueue), so the executors are named here rather than derived from the tasks.
         worker = Worker(
             self.config.app,
             queues=sorted(self.config.queues),
             concurrency=concurrency,
+            executors=[k for k in ("async", "thread", "process") if k in concurrency],
             grace_period_s=self.grace_period_s,
             install_signals=False,
             callback_timeout_s=self.callback_timeout_s,
         )
-        # The Worker starts the executors of the tasks registered when it is built; operations
-        # may name new processors of either kind later (a function is registered by its first
-        # enqueue), so both the async and the thread executor always run, on every queue.
-        kinds = [k for k in ("async", "thread", "process") if k in concurrency]
-        worker.kinds = kinds
-        worker.queue_kinds = {queue: kinds for queue in worker.queues}
         await worker.start()
         self._worker = worker
         self._metrics = worker.metrics

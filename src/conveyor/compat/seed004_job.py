@@ -31,7 +31,6 @@ __all__ = [
     "JobBase",
     "JobReportedError",
     "QueueJobBase",
-    "anchor",
     "process_entry",
 ]
 
@@ -266,12 +265,3 @@ class _ProcessEntry:
 def process_entry(job_class: type[JobBase]) -> _ProcessEntry:
     """The callable to register as ``job_class``'s task (see :class:`_ProcessEntry`)."""
     return _ProcessEntry(job_class)
-
-
-def anchor() -> None:
-    """A process task that never gets jobs, registered by each manager to start its executor.
-
-    A worker starts only the executors that registered tasks use, and job classes are
-    registered later (when first added), so without it the worker would have no process
-    executor for them.
-    """

@@ -23,7 +23,7 @@ from typing import Any, Final, Self, TypedDict
 from urllib.parse import quote
 
 from conveyor.client import Conveyor
-from conveyor.compat.seed004_job import JobBase, JobReportedError, anchor, process_entry
+from conveyor.compat.seed004_job import JobBase, JobReportedError, process_entry
 from conveyor.compat.seed004_limits import LimitPolicy, QueueLimits, all_jobs, check_count
 from conveyor.compat.seed004_status import STATES_OF_STATUS, JobStatus, split_logs
 from conveyor.errors import (
@@ -186,7 +186,6 @@ class JobManager:
                 )
             # By URL, not broker=: the worker's heartbeat thread opens its own connection to it.
             app = self._app = Conveyor("sqlite:///" + quote(self.registry_path))
-            app.task(queue=self.queue, executor="process")(anchor)
             for job_class in self._initial_classes:
                 self.register(job_class)
             await app.connect()
@@ -194,6 +193,8 @@ class JobManager:
                 app,
                 queues=[self.queue],
                 concurrency={"process": self.max_concurrent_jobs},
+                # job classes register when first added, after the worker is built
+                executors=["process"],
                 grace_period_s=self.shutdown_timeout,
             )
             await self._worker.start()

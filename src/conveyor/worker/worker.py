@@ -67,6 +67,8 @@ class Worker:
             its queues falls due within ``burst_wait_s`` (so retries in backoff still run; a
             job scheduled further out is left for a later worker).
         burst_wait_s: see ``burst``.
+        executors: the executor kinds to start (default: those the registered tasks use); name
+            them when tasks will be registered after the worker is built.
         worker_id: recorded on reserved jobs (default: ``host:pid:random``).
         max_commit_batch: the most acks written per broker call.
         install_signals: stop on SIGINT/SIGTERM (first: graceful, second: immediate).
@@ -90,6 +92,7 @@ class Worker:
         grace_period_s: float = 10.0,
         burst: bool = False,
         burst_wait_s: float = 10.0,
+        executors: Sequence[str] | None = None,
         worker_id: str | None = None,
         max_commit_batch: int = 100,
         install_signals: bool = False,
@@ -127,12 +130,24 @@ class Worker:
                     f"concurrency takes {EXECUTOR_KINDS} mapped to integers >= 1, got {kind}={n!r}"
                 )
             self.concurrency[kind] = n
-        used = {t.options.executor for t in tasks}
-        self.kinds = [k for k in EXECUTOR_KINDS if k in used] or ["async"]
-        self.queue_kinds = {
-            q: sorted({t.options.executor for t in tasks if t.options.queue == q}) or self.kinds
-            for q in self.queues
-        }
+        if executors is not None:
+            # Tasks may be registered after the worker is built (the compat faces register a
+            # function on its first enqueue): the caller names the executors to run, and every
+            # queue may need any of them.
+            unknown = [k for k in executors if k not in EXECUTOR_KINDS]
+            if unknown or not executors:
+                raise ConfigurationError(
+                    f"executors takes a non-empty list of {EXECUTOR_KINDS}, got {list(executors)!r}"
+                )
+            self.kinds = [k for k in EXECUTOR_KINDS if k in executors]
+            self.queue_kinds = {q: list(self.kinds) for q in self.queues}
+        else:
+            used = {t.options.executor for t in tasks}
+            self.kinds = [k for k in EXECUTOR_KINDS if k in used] or ["async"]
+            self.queue_kinds = {
+                q: sorted({t.options.executor for t in tasks if t.options.queue == q}) or self.kinds
+                for q in self.queues
+            }
         self.lease_s = lease_s
         self.heartbeat_s = heartbeat_s
         self.scan_interval_s = scan_interval_s
