@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.testing.chaos.scenarios import SCENARIOS, run_scenario
+from conveyor.testing.chaos.registry import SCENARIOS, run_scenario
 from conveyor.testing.redis_server import redis_server_binary
 
 CASES = [(name, kind) for name, (_, kinds) in SCENARIOS.items() for kind in kinds]

@@ -21,7 +21,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from conveyor.testing.chaos.scenarios import SCENARIOS, Outcome, run_scenario
+from conveyor.testing.chaos.registry import SCENARIOS, run_scenario
+from conveyor.testing.chaos.scenarios import Outcome
 from conveyor.testing.redis_server import redis_server_binary
 
 COLUMNS = (

@@ -470,7 +470,7 @@ def l3_sigstop(env: Env, size: int) -> None:
 
 Scenario = Callable[[Env, int], None]
 
-#: scenario id -> (function, broker kinds it applies to).
+#: scenario id -> (function, broker kinds it applies to); the full table is :mod:`.registry`.
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "K1": (k1_sigkill, ("sqlite", "redis")),
     "K2": (k2_survivor, ("sqlite", "redis")),
@@ -481,20 +481,4 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "L3": (l3_sigstop, ("sqlite", "redis")),
 }
 
-
-def run_scenario(name: str, kind: str, workdir: Path, size: int = 1) -> Outcome:
-    """Run scenario ``name`` once on broker ``kind``; errors become failures, never escapes."""
-    fn, kinds = SCENARIOS[name]
-    if kind not in kinds:
-        raise ValueError(f"{name} does not apply to {kind} (only {', '.join(kinds)})")
-    outcome = Outcome(name, kind)
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        with Env(kind, workdir, outcome) as env:
-            fn(env, size)
-    except Exception as exc:
-        outcome.failures.append(f"error: {type(exc).__name__}: {exc}")
-    return outcome
-
-
-__all__ = ["SCENARIOS", "Env", "Outcome", "run_scenario"]
+__all__ = ["SCENARIOS", "Env", "Outcome", "Scenario", "wait_until"]
