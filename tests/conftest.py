@@ -12,6 +12,7 @@ import pytest
 from conveyor.brokers import open_broker
 from conveyor.brokers.base import Broker
 from conveyor.clock import FakeClock
+from conveyor.testing.redis_cluster import RedisCluster, redis_cli_binary
 from conveyor.testing.redis_server import RedisServer, redis_server_binary
 
 REQUIRE_REDIS = os.environ.get("CONVEYOR_REQUIRE_REDIS") == "1"
@@ -34,6 +35,21 @@ def redis_server() -> Iterator[RedisServer | None]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A private 3-master Redis Cluster for the whole session (conformance kind redis-cluster)."""
+    if redis_server_binary() is None or redis_cli_binary() is None:
+        if REQUIRE_REDIS:
+            pytest.fail("CONVEYOR_REQUIRE_REDIS=1 but redis-server or redis-cli is not installed")
+        pytest.skip("redis-server/redis-cli are not installed; Redis Cluster cases skipped")
+    cluster = RedisCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture
@@ -75,6 +91,8 @@ def make_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Call
         if kind == "redis":
             url = request.getfixturevalue("redis_url")
             return open_broker(url, **options)
+        if kind == "redis-cluster":  # only tests/conformance asks for it
+            return open_broker(request.getfixturevalue("redis_cluster").url, **options)
         raise ValueError(kind)
 
     return make

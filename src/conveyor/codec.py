@@ -46,6 +46,26 @@ def _find_unencodable(value: Any, path: str, depth: int = 0) -> str | None:
     return f"{path}: a {type(value).__module__}.{type(value).__qualname__} has no JSON form"
 
 
+class _JobHead(msgspec.Struct):
+    """The identifying fields of a job record (other fields ignored): enough to dead-letter it."""
+
+    id: str
+    task: str
+    queue: str = "default"
+
+
+class UndecodablePayload(list[Any]):
+    """The (empty) args of a stored job whose payload cannot be decoded; ``reason`` says why.
+
+    A broker reading such a job hands it over with these args instead of failing the whole read,
+    so one corrupt record cannot stop a worker's reserve loop; the runner dead-letters it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+
 class Codec:
     """Encodes job records and values, enforcing the payload rules and the size cap.
 
@@ -61,10 +81,12 @@ class Codec:
             self._encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder = msgspec.json.Encoder()
             self._job_decoder: Any = msgspec.json.Decoder(Job)
             self._any_decoder: Any = msgspec.json.Decoder()
+            self._head_decoder: Any = msgspec.json.Decoder(_JobHead)
         elif format == "msgpack":
             self._encoder = msgspec.msgpack.Encoder()
             self._job_decoder = msgspec.msgpack.Decoder(Job)
             self._any_decoder = msgspec.msgpack.Decoder()
+            self._head_decoder = msgspec.msgpack.Decoder(_JobHead)
         else:
             raise ConfigurationError(f"unknown serializer {format!r}; use 'json' or 'msgpack'")
         if max_payload_bytes < 1:
@@ -98,18 +120,52 @@ class Codec:
         """Check a job's args and kwargs (raises :class:`UnencodablePayloadError` or too large)."""
         self.check_value([job.args, job.kwargs], what=f"job {job.task}(...) payload")
 
+    def decode_payload(self, data: bytes | str) -> tuple[list[Any], dict[str, Any]]:
+        """Decode a stored ``[args, kwargs]`` payload (UndecodablePayload args if it cannot be)."""
+        try:
+            args, kwargs = self._any_decoder.decode(data)
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            return UndecodablePayload(
+                f"DecodeError: the stored payload cannot be decoded: {exc}"
+            ), {}
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            return UndecodablePayload("DecodeError: the stored payload is not [args, kwargs]"), {}
+        return args, kwargs
+
+    def decode_job_lenient(self, data: bytes | str) -> Job | None:
+        """Decode a job record whose payload may be corrupt; None if even its id is unreadable."""
+        try:
+            return self.decode_job(data)
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            reason = f"DecodeError: the stored record cannot be decoded: {exc}"
+        try:
+            head = self._head_decoder.decode(data)
+        except (msgspec.DecodeError, ValueError, TypeError):
+            return None
+        return Job(id=head.id, task=head.task, queue=head.queue, args=UndecodablePayload(reason))
+
     def encode_job(self, job: Job) -> bytes:
         """Encode a whole job record."""
         return self._encoder.encode(job)
 
     def decode_job(self, data: bytes | str) -> Job:
-        """Decode a job record."""
-        return self._job_decoder.decode(data)  # type: ignore[no-any-return]
+        """Decode a job record (msgspec.DecodeError for any bytes that are not one)."""
+        try:
+            return self._job_decoder.decode(data)  # type: ignore[no-any-return]
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise msgspec.DecodeError(f"undecodable job record: {type(exc).__name__}") from exc
 
     def encode(self, value: Any) -> bytes:
         """Encode a value that is already known to be valid."""
         return self._encoder.encode(value)
 
     def decode(self, data: bytes | str) -> Any:
-        """Decode a value."""
-        return self._any_decoder.decode(data)
+        """Decode a value (msgspec.DecodeError for any bytes that are not one).
+
+        msgpack text that is not UTF-8 and pathologically deep nesting surface from msgspec as
+        UnicodeDecodeError and RecursionError; callers handle one error type.
+        """
+        try:
+            return self._any_decoder.decode(data)
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise msgspec.DecodeError(f"undecodable value: {type(exc).__name__}") from exc

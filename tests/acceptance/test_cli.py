@@ -31,6 +31,16 @@ TASKS_MODULE = textwrap.dedent(
     @app.task(name="t.broken")
     async def broken(ctx: JobContext) -> None:
         raise RuntimeError("always broken")
+
+
+    @app.task(name="t.stubborn")
+    async def stubborn(ctx: JobContext) -> None:
+        import asyncio
+        while True:  # swallows every cancellation: only leaving the process stops it
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                pass
     """
 )
 
@@ -175,6 +185,39 @@ def test_enqueue_wait_prints_result_and_sigterm_stops_the_worker_promptly(cli: C
         assert time.monotonic() - sent < 5
         assert worker.returncode == 0, stderr
         assert "Traceback" not in stderr
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+
+
+def test_sigterm_exits_within_grace_even_if_a_job_ignores_cancellation(cli: Cli) -> None:
+    job_id = cli("enqueue", "t.stubborn").stdout.strip()
+    worker = subprocess.Popen(
+        cli.argv("worker", "clitasks", "--grace-period", "1", "--log-level", "warning"),
+        env=cli.env,
+        cwd=cli.cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while cli.json("jobs", "show", job_id)["state"] != "running":
+            assert time.monotonic() < deadline, "the stubborn job never started"
+            time.sleep(0.1)
+        sent = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=15)
+        # grace 1 s, then the bounded wait for leftovers (1 s); asyncio.run would wait forever
+        assert time.monotonic() - sent < 1 + 1 + 3, stderr
+        assert worker.returncode == 0, stderr
+        assert "ignored cancellation" in stderr
+        assert "Traceback" not in stderr
+        # released on the way out (no attempt charged), so another worker can run it at once
+        job = cli.json("jobs", "show", job_id)
+        assert job["state"] == "queued"
+        assert job["attempts"] == 0
     finally:
         if worker.poll() is None:
             worker.kill()

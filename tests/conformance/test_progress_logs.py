@@ -78,6 +78,22 @@ async def test_log_cap_keeps_the_newest_lines_and_counts_the_dropped(broker: Bro
     assert (await broker.logs(job.id, offset=0, limit=1)).lines == ["line 5"]
 
 
+async def test_lines_the_caller_dropped_are_counted_so_kept_plus_dropped_is_all(
+    broker: Broker,
+) -> None:
+    job = await job_in_state(broker, JobState.RUNNING)
+    await broker.append_log(job.lease, ["a", "b"])
+    # A worker whose buffer overflowed between flushes passes how many older lines it let go.
+    await broker.append_log(job.lease, ["y", "z"], dropped=7)
+    await broker.append_log(job.lease, [], dropped=1)
+
+    page = await broker.logs(job.id)
+
+    assert page.lines == ["a", "b", "y", "z"]
+    assert page.dropped == 8
+    assert page.total + page.dropped == 2 + 7 + 2 + 1
+
+
 async def test_a_job_without_logs_reads_back_empty(broker: Broker) -> None:
     job = await job_in_state(broker, JobState.QUEUED)
 

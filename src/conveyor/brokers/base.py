@@ -448,11 +448,14 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def append_log(self, lease: Lease, lines: Sequence[str]) -> None:
+    async def append_log(self, lease: Lease, lines: Sequence[str], *, dropped: int = 0) -> None:
         """Append log lines to a job (kept: the newest ``max_log_lines``; dropped ones counted).
 
-        The token is not checked (lines from a job's last moments are kept even if it was just
-        cancelled); the job must exist (JobNotFound).
+        ``dropped`` counts lines older than ``lines`` that the caller already let go (a worker's
+        buffer overflowing between flushes): they are added to the job's dropped count, so
+        kept + dropped is always every line the job logged. The token is not checked (lines from
+        a job's last moments are kept even if it was just cancelled); the job must exist
+        (JobNotFound).
         """
 
     @abc.abstractmethod

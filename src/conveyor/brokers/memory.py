@@ -471,11 +471,12 @@ class MemoryBroker(Broker):
         )  # fmt: skip
         self._wake_subscribers()
 
-    async def append_log(self, lease: Lease, lines: Sequence[str]) -> None:
+    async def append_log(self, lease: Lease, lines: Sequence[str], *, dropped: int = 0) -> None:
         """Append log lines to a job (the token is not checked; the job must exist)."""
         entry = self._find(lease.job_id, "append_log")
         if isinstance(lines, str):  # a lone string would otherwise be logged a character per line
             lines = [lines]
+        entry.dropped += max(0, dropped)
         if not lines:
             return
         if entry.logs is None:

@@ -95,6 +95,13 @@ def _run_server(api: FastAPI, **options: Any) -> None:
     help="Requests a client may make at once before --rate-limit applies.",
 )
 @click.option(
+    "--max-in-flight",
+    type=click.IntRange(min=0),
+    default=128,
+    show_default=True,
+    help="Requests handled at once; more get 503 + Retry-After at once. 0 turns the bound off.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS),
     default="info",
@@ -116,6 +123,7 @@ def serve(
     token: str | None,
     rate_limit: float,
     rate_burst: int,
+    max_in_flight: int,
     log_level: str,
     access_log: bool,
 ) -> None:
@@ -142,6 +150,7 @@ def serve(
         token=token,
         rate_limit_per_s=rate_limit or None,
         rate_burst=rate_burst,
+        max_in_flight=max_in_flight or None,
     )
     api = create_app(app, workers=workers, settings=settings)
     logging.basicConfig(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -99,6 +102,12 @@ def _configure_logging(verbose: int, level: str | None) -> None:
     help="Lease length; a dead worker's jobs return to the queue after it.",
 )
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty and nothing runs.")
+@click.option(
+    "--health-file",
+    type=click.Path(dir_okay=False, writable=True),
+    metavar="PATH",
+    help="Write the worker's health as JSON to PATH every second (for liveness probes).",
+)
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), help="Log level.")
 @pass_state
@@ -112,6 +121,7 @@ def worker(
     grace_period: float,
     lease: float,
     burst: bool,
+    health_file: str | None,
     verbose: int,
     log_level: str | None,
 ) -> None:
@@ -119,6 +129,10 @@ def worker(
 
     The first SIGINT or SIGTERM shuts down gracefully (running jobs get --grace-period to
     finish, the rest are released without charging an attempt); a second one is immediate.
+
+    With --health-file, a probe reads PATH: the worker is alive when the file is fresh (its
+    ``updated_at``, epoch seconds, is at most a few seconds old) and says ``"healthy": true``.
+    Health is progress-based: a fetch loop that died or is stuck makes it false within seconds.
     """
     _configure_logging(verbose, log_level)
     app = load_app(app_spec)
@@ -152,12 +166,80 @@ def worker(
     if concurrency:
         options["concurrency"] = concurrency
     runner = Worker(app, **options)
-    asyncio.run(_run(app, runner))
+    _run_to_exit(_run(app, runner, health_file))
 
 
-async def _run(app: Conveyor, runner: Worker) -> None:
+#: How long the command waits for tasks still pending after the worker stopped.
+LEFTOVER_WAIT_S = 1.0
+
+
+def _run_to_exit(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on a new loop; exit promptly even if a job ignored its cancellation.
+
+    ``asyncio.run`` would cancel the leftover tasks and wait for them without a bound, so a job
+    that swallows ``CancelledError`` (which the worker has already released or left to its lease)
+    would keep the process alive forever (a thread job it gave up on is a daemon thread: no
+    obstacle). The worker's own shutdown is bounded, so after it the command gives leftovers a
+    moment and then leaves with ``os._exit`` once the logs and streams are flushed.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main)
+    finally:
+        leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=LEFTOVER_WAIT_S))
+        stuck = [t for t in leftovers if not t.done()]
+    if stuck:
+        logging.getLogger(__name__).warning(
+            "worker stopped; %d task(s) ignored cancellation: exiting anyway (their jobs were "
+            "released, or are recovered when their lease expires)",
+            len(stuck),
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+
+
+async def _run(app: Conveyor, runner: Worker, health_file: str | None = None) -> None:
     # The worker never closes the app's broker (the app owns it), so the command does.
+    writer = None
+    if health_file is not None:
+        writer = asyncio.create_task(_write_health(runner, health_file), name="conveyor-health")
     try:
         await runner.run()
     finally:
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            _dump_health(runner, health_file)  # the last word: stopped, not healthy
         await app.close()
+
+
+#: How often --health-file is rewritten.
+HEALTH_PERIOD_S = 1.0
+
+
+async def _write_health(runner: Worker, path: str) -> None:
+    """Rewrite ``path`` every HEALTH_PERIOD_S (on the loop: a blocked loop leaves it stale)."""
+    while True:
+        _dump_health(runner, path)
+        await asyncio.sleep(HEALTH_PERIOD_S)
+
+
+def _dump_health(runner: Worker, path: str | None) -> None:
+    if path is None:
+        return
+    report = {**runner.health(), "pid": os.getpid(), "updated_at": time.time()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as out:
+            json.dump(report, out)
+        os.replace(tmp, path)  # atomic: a probe never reads half a file
+    except OSError as exc:
+        logging.getLogger(__name__).warning("cannot write the health file %s: %s", path, exc)

@@ -25,6 +25,7 @@ from conveyor import __version__
 from conveyor.client import Conveyor
 from conveyor.errors import BrokerUnavailable, ConfigurationError
 from conveyor.service import dashboard, events, jsonrpc, rest
+from conveyor.service.admission import AdmissionControl
 from conveyor.service.events import EventHub
 from conveyor.service.health import RequestMetrics, monitor_loop_lag
 from conveyor.service.operations import EnqueueBatcher, Service, ServiceSettings, WorkerLike
@@ -140,6 +141,8 @@ def create_app(
     api.add_middleware(
         SecurityMiddleware, token=settings.token, limiter=limiter, max_body_bytes=max_body
     )
+    if settings.max_in_flight:  # outside the guards: refusing costs less than checking a token
+        api.add_middleware(AdmissionControl, max_in_flight=settings.max_in_flight)
     api.add_middleware(RequestMetrics, stats=service.http)  # counts refusals too
     api.add_middleware(rest.InternalErrors)  # outermost: nothing escapes as a bare 500
     api.openapi = lambda: _openapi(api)  # type: ignore[method-assign]

@@ -33,7 +33,6 @@ from starlette.types import Receive, Scope, Send
 from conveyor.brokers.base import Broker, JobEvent
 from conveyor.errors import BrokerError, ConveyorError, InvalidJobError
 from conveyor.job import validate_queue_name
-from conveyor.service.schemas import ErrorBody
 
 if TYPE_CHECKING:
     from conveyor.service.operations import Service, ServiceSettings
@@ -496,6 +495,9 @@ AfterCursor = Annotated[
 ]
 
 
+_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+
+
 @router.get(
     "/events",
     summary="Live job events (Server-Sent Events)",
@@ -503,8 +505,10 @@ AfterCursor = Annotated[
     status_code=200,
     responses={
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
-        422: {"model": ErrorBody, "description": "Invalid filter or cursor."},
-        503: {"model": ErrorBody, "description": "Too many event clients; retry later."},
+        # Explicit content: with the SSE response class, `model=` would be documented as
+        # text/event-stream, but these answers are JSON.
+        422: {"content": _JSON_ERROR, "description": "Invalid filter or cursor."},
+        503: {"content": _JSON_ERROR, "description": "Too many event clients; retry later."},
     },
 )
 async def events_sse(

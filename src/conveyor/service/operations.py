@@ -67,6 +67,8 @@ class ServiceSettings:
         max_event_clients: concurrent stream clients (more get 503 / close 1013).
         max_direct_clients: clients replaying from the broker (cursor older than the ring).
         worker_grace_s: how long shutdown waits for in-process workers to stop.
+        max_in_flight: HTTP requests handled at once; more get 503 + Retry-After at once
+            (None: no bound; see :mod:`conveyor.service.admission`).
     """
 
     token: str | None = None
@@ -85,6 +87,7 @@ class ServiceSettings:
     max_event_clients: int = 1_000
     max_direct_clients: int = 16
     worker_grace_s: float = 30.0
+    max_in_flight: int | None = 128
 
 
 class EnqueueBatcher:

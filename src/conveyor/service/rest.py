@@ -56,6 +56,36 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+# OpenAPI links: from a response that names a job to the operations on that job, so stateful
+# clients (and schemathesis' stateful phase) chain real ids instead of guessing them.
+_JOB_OPERATIONS: Final = {
+    "GetJob": "#/paths/~1jobs~1{job_id}/get",
+    "DeleteJob": "#/paths/~1jobs~1{job_id}/delete",
+    "GetJobLogs": "#/paths/~1jobs~1{job_id}~1logs/get",
+    "StartJob": "#/paths/~1jobs~1{job_id}~1start/post",
+    "StopJob": "#/paths/~1jobs~1{job_id}~1stop/post",
+    "RetryJob": "#/paths/~1jobs~1{job_id}~1retry/post",
+}
+
+
+def _linked(status: int, job_id: str, queue: str | None = None) -> dict[int | str, Any]:
+    """A ``responses`` entry for ``status`` whose links pass ``job_id`` (a runtime expression)."""
+    links: dict[str, Any] = {
+        name: {"operationRef": ref, "parameters": {"job_id": job_id}}
+        for name, ref in _JOB_OPERATIONS.items()
+    }
+    if queue is not None:
+        links["PurgeQueue"] = {
+            "operationRef": "#/paths/~1queues~1{queue}/delete",
+            "parameters": {"queue": queue},
+        }
+        links["CountQueue"] = {
+            "operationRef": "#/paths/~1queues/get",
+            "parameters": {"query.queue": queue},
+        }
+    return {status: {"description": "Successful Response", "links": links}}
+
+
 def _json(model: s.Result, status: int = 200) -> Response:
     return Response(model.model_dump_json(), status, media_type="application/json")
 
@@ -115,7 +145,7 @@ OneOrMany = Annotated[
     "/jobs",
     status_code=201,
     response_model=s.Enqueued | s.EnqueuedBatch,
-    responses=_errors(*_BODY),
+    responses={**_errors(*_BODY), **_linked(201, "$response.body#/job_id")},
     tags=["jobs"],
     summary="Enqueue one job, or a batch (a JSON array, all or nothing)",
 )
@@ -144,7 +174,7 @@ async def list_jobs(request: Request, query: Annotated[s.ListQuery, Query()]) ->
 @router.get(
     "/jobs/{job_id}",
     response_model=s.JobOut,
-    responses=_errors(404),
+    responses={**_errors(404), **_linked(200, "$response.body#/id", "$response.body#/queue")},
     tags=["jobs"],
     summary="A job's state, progress, result and error",
 )
@@ -179,7 +209,7 @@ def _transition(path: str, method: str, summary: str, codes: tuple[int, ...]) ->
         endpoint,
         methods=["POST"],
         response_model=OPERATIONS[method].result,
-        responses=_errors(*codes),
+        responses={**_errors(*codes), **_linked(200, "$response.body#/id")},
         tags=["jobs"],
         summary=summary,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -35,8 +36,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The most jobs one reserve call asks for (bounds the size of a single broker reply).
-MAX_RESERVE: Final = 1000
+#: The most jobs one reserve call asks for. It bounds the size of a broker reply and, above all,
+#: how many jobs start in one step of the event loop: every job's first step runs before the
+#: loop turns again, so 10,000 at once stalled the loop for seconds; 100 keeps a step short
+#: while a drain still costs one round trip per hundred jobs.
+MAX_RESERVE: Final = 100
 #: The longest single wait_for_jobs call: the fetcher re-checks its state at least this often.
 WAIT_S: Final = 1.0
 
@@ -165,6 +169,22 @@ class Fetcher:
         self._stop_event = asyncio.Event()
         self.last_reserve_ms = 0
         self.drained = False
+        #: when the loop last showed progress (an iteration began, a reserve returned, a wait
+        #: for a free slot ended)
+        self.progress_at = time.monotonic()
+        #: True while every slot is busy: no progress is expected until a run ends
+        self.slot_bound = False
+
+    def stalled_s(self) -> float:
+        """How long the loop has shown no progress (0 while it legitimately waits for a slot).
+
+        Between two signs of progress there is at most one bounded broker call, one wait of at
+        most ``WAIT_S`` or one back-off of at most the circuit's cap, so a figure beyond those
+        means the loop is stuck (see :meth:`Worker.health <conveyor.worker.worker.Worker.health>`).
+        """
+        if self.slot_bound:
+            return 0.0
+        return max(0.0, time.monotonic() - self.progress_at)
 
     @property
     def stopping(self) -> bool:
@@ -181,6 +201,7 @@ class Fetcher:
         """Reserve and spawn until stopped (or, in burst mode, drained)."""
         connected = False
         while not self._stopping:
+            self.progress_at = time.monotonic()
             try:
                 if not connected:
                     await self._ensure_connected()
@@ -227,6 +248,7 @@ class Fetcher:
                 jobs = await broker.reserve(
                     queue, n, lease_s=self.lease_s, worker_id=self.worker_id
                 )
+            self.progress_at = time.monotonic()  # a broker call returned: the loop lives
             if jobs:
                 reserved = True
                 more = more or len(jobs) >= n
@@ -302,7 +324,12 @@ class Fetcher:
         wake = self._slots.wake  # cleared when the round began
         if not free_queues:
             # Capacity-bound: only a finished run (or stop) can change anything.
-            await wake.wait()
+            self.slot_bound = True
+            try:
+                await wake.wait()
+            finally:
+                self.slot_bound = False
+                self.progress_at = time.monotonic()
             # Runs that end in the same tick free their slots together: take them as one batch.
             await asyncio.sleep(0)
             return

@@ -25,8 +25,11 @@ from conveyor.job import Job, Lease
 logger = logging.getLogger(__name__)
 
 DEFAULT_FLUSH_INTERVAL_S: Final = 0.2
-#: Lines kept per job while the broker cannot take them; older ones are dropped first.
+#: Lines kept per job while the broker cannot take them; older ones are dropped first (and
+#: counted: the broker adds them to the job's dropped-lines count).
 MAX_BUFFERED_LINES: Final = 1000
+#: Longest log line stored; the rest of a longer one is cut (one print must not store megabytes).
+MAX_LINE_CHARS: Final = 16 * 1024
 
 
 class _Progress:
@@ -39,11 +42,12 @@ class _Progress:
 
 
 class _Lines:
-    __slots__ = ("lease", "lines")
+    __slots__ = ("dropped", "lease", "lines")
 
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
         self.lines: list[str] = []
+        self.dropped = 0  # older lines this buffer let go: the broker counts them as dropped
 
 
 class BrokerReporter:
@@ -94,7 +98,9 @@ class BrokerReporter:
             self._signal()
 
     def report_log(self, job: Job, line: str) -> None:
-        """Record one log line for ``job``."""
+        """Record one log line for ``job`` (a line over ``MAX_LINE_CHARS`` is cut)."""
+        if len(line) > MAX_LINE_CHARS:
+            line = f"{line[:MAX_LINE_CHARS]} [... {len(line) - MAX_LINE_CHARS} more characters cut]"
         with self._lock:
             entry = self._lines.get(job.id)
             if entry is None:
@@ -102,6 +108,7 @@ class BrokerReporter:
             entry.lines.append(line)
             if len(entry.lines) > MAX_BUFFERED_LINES:
                 del entry.lines[0]
+                entry.dropped += 1
                 self.dropped_lines += 1
             signal = not self._dirty
             self._dirty = True
@@ -151,7 +158,7 @@ class BrokerReporter:
 
     async def _write_lines(self, job_id: str, entry: _Lines) -> None:
         try:
-            await self._broker.append_log(entry.lease, entry.lines)
+            await self._broker.append_log(entry.lease, entry.lines, dropped=entry.dropped)
         except JobNotFound:
             pass  # deleted: nothing to attach the lines to
         except (BrokerUnavailable, BrokerReadOnly):
@@ -191,6 +198,7 @@ class BrokerReporter:
             if overflow > 0:
                 del merged[:overflow]
                 self.dropped_lines += overflow
+            entry.dropped += overflow + (newer.dropped if newer is not None else 0)
             entry.lines = merged
             self._lines[job_id] = entry
             signal = not self._dirty

@@ -31,6 +31,7 @@ import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.codec import UndecodablePayload
 from conveyor.context import JobContext
 from conveyor.errors import PayloadError
 from conveyor.job import FailureReason, Job
@@ -142,6 +143,8 @@ class Runner:
 
     def _resolve(self, aj: ActiveJob) -> tuple[Task[Any, Any], Executor]:
         job = aj.job
+        if isinstance(job.args, UndecodablePayload):  # the broker could not decode its payload
+            raise CannotStart(job.args.reason)
         task = self._registry.find(job.task)
         if task is None:
             raise CannotStart(
@@ -366,15 +369,38 @@ def _type_name(cls: type[BaseException]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: Stored error text is capped: a job raising a multi-megabyte message must not bloat every read
+#: of its record (the API returns it whole). The message keeps its start, the traceback its end
+#: (the innermost frames and the exception line are what one reads).
+MAX_ERROR_CHARS = 8 * 1024
+MAX_TRACEBACK_CHARS = 64 * 1024
+
+
 def describe(exc: BaseException) -> tuple[str, str]:
-    """The stored form of a failure: ``("Type: message", traceback text)``."""
+    """The stored form of a failure: ``("Type: message", traceback text)``, both capped."""
     if isinstance(exc, RemoteError):
         text = str(exc)
-        return text.removeprefix("builtins."), exc.remote_traceback
-    message = str(exc)
-    name = _type_name(type(exc))
-    error = f"{name}: {message}" if message else name
-    return error, "".join(traceback.format_exception(exc))
+        error, trace = text.removeprefix("builtins."), exc.remote_traceback
+    else:
+        message = str(exc)
+        name = _type_name(type(exc))
+        error = f"{name}: {message}" if message else name
+        trace = "".join(traceback.format_exception(exc))
+    return cap_head(error, MAX_ERROR_CHARS), cap_tail(trace, MAX_TRACEBACK_CHARS)
+
+
+def cap_head(text: str, limit: int) -> str:
+    """``text`` cut to its first ``limit`` characters, saying how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} [... {len(text) - limit} more characters cut]"
+
+
+def cap_tail(text: str, limit: int) -> str:
+    """``text`` cut to its last ``limit`` characters, saying how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"[{len(text) - limit} earlier characters cut ...]\n{text[-limit:]}"
 
 
 _REMOTE_CLASSES: dict[str, type[BaseException]] = {}

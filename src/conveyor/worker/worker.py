@@ -22,7 +22,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from conveyor.errors import BrokerReadOnly, BrokerUnavailable, ConfigurationError
 from conveyor.job import validate_queue_name
@@ -44,6 +44,11 @@ if TYPE_CHECKING:
     from conveyor.worker.interfaces import Executor
 
 logger = logging.getLogger(__name__)
+
+#: A fetch loop with a free slot that shows no progress for this long is reported unhealthy.
+#: Between two signs of progress it makes one bounded broker call (5 s socket or busy timeout by
+#: default), or waits at most 1 s for jobs, or backs off at most 2 s: only a stuck loop gets here.
+FETCH_STALL_S: Final = 6.0
 
 
 def _default_concurrency() -> dict[str, int]:
@@ -269,18 +274,26 @@ class Worker:
         await self.stop()
 
     def health(self) -> dict[str, Any]:
-        """Liveness as progress: state, circuits, whether it consumes, last reserve, lag."""
+        """Liveness as progress: state, circuits, whether it consumes, last reserve, lag.
+
+        ``healthy`` is false while stopping or stopped, while a broker circuit is open, when the
+        fetch loop has died, and when it has shown no progress for ``FETCH_STALL_S`` although a
+        slot is free (alive but stuck). Cheap and synchronous: call it from a probe.
+        """
         parts = [getattr(self, name, None) for name in ("_fetcher", "_reaper", "_committer")]
         parts.append(getattr(self, "_heartbeat", None))
         circuits = {p.circuit.name: p.circuit.snapshot() for p in parts if p is not None}
         is_open = any(c["state"] == "open" for c in circuits.values())
         fetch_loop = self._loops.get("fetcher")
-        fetcher = getattr(self, "_fetcher", None)
+        fetcher: Fetcher | None = getattr(self, "_fetcher", None)
+        # Progress, not mere existence: a fetch loop that is alive but stuck is not consuming.
+        stalled_s = fetcher.stalled_s() if fetcher is not None else 0.0
         consuming = (
             self._state == "running"
             and fetch_loop is not None
             and not fetch_loop.done()
             and not (fetcher is not None and fetcher.circuit.is_open)
+            and stalled_s <= FETCH_STALL_S
         )
         monitor = getattr(self, "_monitor", None)
         held: HeldJobs | None = getattr(self, "_held", None)
@@ -292,6 +305,7 @@ class Worker:
             "circuits": circuits,
             "consuming": consuming,
             "last_reserve_ms": fetcher.last_reserve_ms if fetcher is not None else 0,
+            "fetch_stalled_s": round(stalled_s, 3),
             "running": len(held) if held is not None else 0,
             "lag": monitor.lag_s if monitor is not None else 0.0,
             "max_lag_s": monitor.max_lag_s if monitor is not None else 0.0,

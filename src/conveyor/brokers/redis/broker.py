@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, Final
 
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from conveyor.brokers.base import (
     DEFAULT_EVENT_RETENTION,
@@ -29,10 +29,12 @@ from conveyor.brokers.base import (
     LogPage,
 )
 from conveyor.brokers.redis import control, events, reads
+from conveyor.brokers.redis.cluster import ClusterScripts, share_command_table
 from conveyor.brokers.redis.connection import (
     RedisAddress,
     RedisOptions,
     make_client,
+    make_cluster_client,
     parse_url,
     translate_errors,
 )
@@ -69,7 +71,11 @@ class RedisBroker(Broker):
 
     Args:
         url: ``redis://[user:password@]host[:port][/db]`` or ``rediss://...`` (TLS; ssl options
-            such as ``ssl_cert_reqs`` and ``ssl_ca_certs`` go in the query string).
+            such as ``ssl_cert_reqs`` and ``ssl_ca_certs`` go in the query string). For a Redis
+            Cluster, name any one node and add ``?cluster=true``
+            (``redis://node:7000/0?cluster=true``): the broker then uses redis-py's cluster
+            client, which finds the other nodes and sends each queue's commands to the master
+            of its slot (see :mod:`.cluster`).
         prefix: the key namespace, so several apps can share one database.
         socket_timeout_s, connect_timeout_s, health_check_interval_s, max_connections:
             see :class:`~conveyor.brokers.redis.connection.RedisOptions`.
@@ -114,12 +120,13 @@ class RedisBroker(Broker):
         self.prefix = prefix
         self.global_keys = GlobalKeys(prefix)
         self._queue_keys: dict[str, QueueKeys] = {}
-        self._client: Redis | None = None
-        self._scripts: Scripts | None = None
+        self._client: Redis | RedisCluster | None = None
+        self._scripts: Scripts | ClusterScripts | None = None
         self._closed = False
-        #: Whether one command may name keys of several queues: not on Redis Cluster (detected
-        #: at connect), where waits and event reads then go queue by queue.
-        self.multi_queue_commands = True
+        #: Whether one command may name keys of several queues: not on Redis Cluster (the
+        #: ``cluster`` URL option, or a cluster node detected at connect), where enqueue takes
+        #: two steps and waits and event reads go queue by queue.
+        self.multi_queue_commands = not self.address.cluster
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBroker:
@@ -132,7 +139,7 @@ class RedisBroker(Broker):
     # -- plumbing shared with reads.py and events.py ---------------------------------------------
 
     @property
-    def redis(self) -> Redis:
+    def redis(self) -> Redis | RedisCluster:
         """The connected client; raises if :meth:`connect` was not called (or after close)."""
         if self._client is None:
             raise _not_connected()
@@ -191,16 +198,28 @@ class RedisBroker(Broker):
     async def connect(self) -> None:
         """Create the client, check the server answers and load the scripts; idempotent."""
         if self._client is None or self._scripts is None:
-            self._client = make_client(self.address, self.options)
-            self._scripts = Scripts(self._client, timeout_s=self.options.socket_timeout_s)
+            self._client, self._scripts = self._make_client()
         client, scripts = self._client, self._scripts
         self._closed = False
         with self.boundary("connect"):
+            if isinstance(client, RedisCluster):
+                await client.initialize()  # reads the slot map from the seed node
             await client.ping()
             await scripts.load()
-            cluster = await client.info("cluster")
-            # A cluster node refuses commands that span slots, so go queue by queue there.
-            self.multi_queue_commands = not int(cluster.get("cluster_enabled", 0))
+            if not self.address.cluster:
+                cluster = await client.info("cluster")
+                # A cluster node reached without ?cluster=true (say, one that owns every slot)
+                # refuses commands that span slots, so go queue by queue there too.
+                self.multi_queue_commands = not int(cluster.get("cluster_enabled", 0))
+
+    def _make_client(self) -> tuple[Redis | RedisCluster, Scripts | ClusterScripts]:
+        """The client for the URL and the script runner that goes with it."""
+        if self.address.cluster:
+            cluster = make_cluster_client(self.address, self.options)
+            share_command_table(cluster, self.address.where)
+            return cluster, ClusterScripts(cluster)
+        client = make_client(self.address, self.options)
+        return client, Scripts(client, timeout_s=self.options.socket_timeout_s)
 
     async def close(self) -> None:
         """Close every connection (ending subscriptions and waits); idempotent, never raises."""
@@ -467,7 +486,7 @@ class RedisBroker(Broker):
             )
         self._check(code, "set_progress", lease.job_id)
 
-    async def append_log(self, lease: Lease, lines: Sequence[str]) -> None:
+    async def append_log(self, lease: Lease, lines: Sequence[str], *, dropped: int = 0) -> None:
         """Append log lines (the token is not checked; the job must exist)."""
         keys = self.queue_keys(lease.queue)
         script_keys = (*keys.script_keys, keys.log(lease.job_id))
@@ -476,9 +495,11 @@ class RedisBroker(Broker):
         texts = [str(line) for line in lines]
         # An empty call still runs once: it reports JobNotFound for a missing job.
         chunks = [texts[i : i + ENQUEUE_CHUNK] for i in range(0, len(texts), ENQUEUE_CHUNK)]
+        upstream = max(0, dropped)  # counted once, with the first chunk
         with self.boundary("append_log"):
             for chunk in chunks or [[]]:
-                args = [*self._common(), lease.job_id, self.max_log_lines, *chunk]
+                args = [*self._common(), lease.job_id, self.max_log_lines, upstream, *chunk]
+                upstream = 0
                 code = await self.run_script("append_log", script_keys, args)
                 self._check(code, "append_log", lease.job_id)
 

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -29,6 +29,9 @@ from conveyor.errors import (
 )
 
 DEFAULT_PORT: Final = 6379
+#: Query option values that turn Redis Cluster mode on / off (``?cluster=true``).
+_TRUE: Final = frozenset({"true", "yes", "1", "on"})
+_FALSE: Final = frozenset({"false", "no", "0", "off"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +66,11 @@ class RedisOptions:
 
 @dataclass(frozen=True, slots=True)
 class RedisAddress:
-    """A checked broker URL: where it points, and how to show it without the password."""
+    """A checked broker URL: where it points, and how to show it without the password.
+
+    ``url`` is what redis-py gets: the broker URL without conveyor's own ``cluster`` option.
+    ``cluster`` means the host is a seed node of a Redis Cluster (``?cluster=true``).
+    """
 
     url: str
     tls: bool
@@ -71,6 +78,7 @@ class RedisAddress:
     port: int
     db: int
     has_password: bool
+    cluster: bool = False
 
     @property
     def where(self) -> str:
@@ -84,7 +92,8 @@ class RedisAddress:
         scheme = "rediss" if self.tls else "redis"
         user = urlsplit(self.url).username or ""
         auth = f"{user}:***@" if self.has_password else (f"{user}@" if user else "")
-        return f"{scheme}://{auth}{self.where}/{self.db}"
+        option = "?cluster=true" if self.cluster else ""
+        return f"{scheme}://{auth}{self.where}/{self.db}{option}"
 
 
 def parse_url(url: str) -> RedisAddress:
@@ -114,14 +123,61 @@ def parse_url(url: str) -> RedisAddress:
         ) from None
     if db < 0:
         raise ConfigurationError("malformed Redis URL: the database number must be >= 0")
+    cluster, query = _cluster_option(parts.query)
+    if cluster and db != 0:
+        raise ConfigurationError("a Redis Cluster has only database 0; use redis://host:port/0")
     return RedisAddress(
-        url=url,
+        url=parts._replace(query=query).geturl(),
+        cluster=cluster,
         tls=scheme == "rediss",
         host=host,
         port=port,
         db=db,
         has_password=parts.password is not None,
     )
+
+
+def _cluster_option(query: str) -> tuple[bool, str]:
+    """The ``cluster`` option of a URL query, and the query without it (kept as written)."""
+    cluster = False
+    kept: list[str] = []
+    for pair in query.split("&") if query else []:
+        name, _, value = pair.partition("=")
+        if unquote(name) != "cluster":
+            kept.append(pair)
+            continue
+        flag = unquote(value).lower()
+        if flag not in _TRUE | _FALSE:
+            raise ConfigurationError(
+                f"invalid Redis URL option cluster={flag!r}; use cluster=true or cluster=false"
+            )
+        cluster = flag in _TRUE
+    return cluster, "&".join(kept)
+
+
+def make_cluster_client(address: RedisAddress, options: RedisOptions) -> RedisCluster:
+    """A redis.asyncio cluster client seeded by ``address``, with :func:`make_client`'s settings.
+
+    The cluster client follows MOVED/ASK redirects itself (a redirected command did not run, so
+    that is safe) and re-reads the slot map after a connection error; like the single-node
+    client it does not retry a command whose reply was lost.
+    """
+    try:
+        return RedisCluster.from_url(
+            address.url,
+            socket_timeout=options.socket_timeout_s,
+            socket_connect_timeout=options.connect_timeout_s,
+            health_check_interval=options.health_check_interval_s,
+            # The cluster client caps each node's pool and has no "unbounded".
+            max_connections=options.max_connections or 2**31,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+            protocol=2,
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(
+            f"invalid Redis URL option for {address.redacted}: {exc}"
+        ) from None
 
 
 def make_client(address: RedisAddress, options: RedisOptions) -> Redis:
@@ -169,6 +225,16 @@ def translate_errors(action: str, address: RedisAddress) -> Iterator[None]:
             f"{action}: Redis at {address.where} is a read-only replica; point the broker URL "
             "at the primary"
         ) from None
+    except redis_errors.OutOfMemoryError:
+        # Full with maxmemory-policy noeviction: Redis refuses every write but still serves
+        # reads, i.e. read-only until memory is freed. As BrokerReadOnly the worker's loops back
+        # off and retry (a plain BrokerError would kill them) and the API answers 503. The
+        # refused command (or script, at its first write) wrote nothing.
+        raise BrokerReadOnly(
+            f"{action}: Redis at {address.where} is out of memory (used memory > maxmemory, "
+            "eviction policy noeviction) and refuses writes; nothing was written. Free memory "
+            "or raise maxmemory, then retry"
+        ) from None
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         # OSError covers the builtin TimeoutError that asyncio raises.
         raise BrokerUnavailable(
@@ -179,6 +245,32 @@ def translate_errors(action: str, address: RedisAddress) -> Iterator[None]:
         raise BrokerError(
             f"{action}: Redis at {address.where} replied with an error: {exc}"
         ) from exc
+    except redis_errors.RedisClusterException as exc:
+        # The cluster client's own errors (not a RedisError): no reachable node, slots not
+        # covered, a command whose keys span slots.
+        raise _cluster_error(action, address, exc) from exc
+
+
+def _cluster_error(
+    action: str, address: RedisAddress, exc: redis_errors.RedisClusterException
+) -> ConveyorError:
+    cause = exc.__cause__
+    if isinstance(cause, redis_errors.RedisClusterException) and "not enabled" in str(cause):
+        return ConfigurationError(
+            f"{action}: Redis at {address.where} is not a Redis Cluster node; "
+            "drop ?cluster=true from the broker URL"
+        )
+    unreachable = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+    if (
+        isinstance(exc, redis_errors.SlotNotCoveredError)
+        or isinstance(cause, unreachable)
+        or "not covered" in str(exc)
+    ):
+        return BrokerUnavailable(
+            f"{action}: the Redis Cluster seeded by {address.where} is unavailable "
+            f"({_reason(exc)}); check that its nodes are running and reachable, then retry"
+        )
+    return BrokerError(f"{action}: the Redis Cluster client refused the command: {exc}")
 
 
 def _reason(exc: BaseException) -> str:

@@ -14,10 +14,12 @@ BLPOPs those lists, never longer than until the earliest scheduled job is due, o
 of its own from the pool (a blocked command holds its connection).
 
 Redis Cluster: the queues' keys live in different slots, so one command cannot name several
-queues. With ``multi_queue_commands`` off, waits and stream reads issue one command per queue
-concurrently and the first reply wins; ids of streams on different shards then follow different
-clocks, so the cross-queue order (and a cursor used across queues) is only as good as the
-shards' clock sync.
+queues. With ``multi_queue_commands`` off, a wait issues one BLPOP per queue concurrently and the
+first reply wins. A subscription then follows each queue's stream from a position of its own
+(reading them all without blocking, and blocking on them all only when none has news), so no
+event is skipped because another master answered first; each queue's events keep their order,
+but the order across queues (and a cursor resumed across queues) is only as good as the
+masters' clock sync.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ async def subscribe(
     """Yield events of one queue, one job or everything, resuming after outages; see module."""
     position = after or ""  # the id of the last event delivered (or skipped by the filter)
     followed: list[str] = []
+    stream_at: dict[str, str] = {}  # Redis Cluster: queue -> the last id read from its stream
     fixed = queue
     started = False
     refresh_at = 0.0
@@ -166,7 +169,7 @@ async def subscribe(
             elif loop.time() >= refresh_at:
                 followed = sorted(await _queue_names(broker))
                 refresh_at = loop.time() + QUEUE_REFRESH_S
-            entries, position = await _read(broker, followed, position)
+            entries, position = await _next(broker, followed, position, stream_at)
             backoff = 0.1
         except BrokerError as exc:
             if broker.is_closed():
@@ -202,7 +205,7 @@ async def _server_now(broker: RedisBroker) -> str:
 async def _read(
     broker: RedisBroker, queues: list[str], position: str
 ) -> tuple[list[tuple[str, str, dict[bytes, bytes]]], str]:
-    """One blocking XREAD after ``position``: (id, queue, fields) in id order, new position.
+    """One XREAD of every stream after ``position``: (id, queue, fields) in id order, position.
 
     When a stream hit the read count, entries past its last one are held back (and read again
     next time), so the new position never skips an event another stream has not returned yet.
@@ -214,16 +217,7 @@ async def _read(
     by_key = {broker.queue_keys(name).events: name for name in queues}
     streams: dict[Any, Any] = dict.fromkeys(by_key, position)
     with broker.boundary("subscribe"):
-        if broker.multi_queue_commands or len(streams) == 1:
-            reply: Any = await broker.redis.xread(streams, count=READ_COUNT, block=block_ms)
-        else:
-            parts = await _first(
-                [
-                    broker.redis.xread({key: position}, count=READ_COUNT, block=block_ms)
-                    for key in streams
-                ]
-            )
-            reply = [item for part in parts for item in (part or [])]
+        reply: Any = await broker.redis.xread(streams, count=READ_COUNT, block=block_ms)
     merged: list[tuple[str, str, dict[bytes, bytes]]] = []
     limit: tuple[int, int] | None = None
     for raw_key, items in reply or []:
@@ -237,3 +231,56 @@ async def _read(
     if limit is not None:
         merged = [entry for entry in merged if _id_key(entry[0]) <= limit]
     return merged, (merged[-1][0] if merged else position)
+
+
+async def _next(
+    broker: RedisBroker, queues: list[str], position: str, stream_at: dict[str, str]
+) -> tuple[list[tuple[str, str, dict[bytes, bytes]]], str]:
+    """The next entries and position: one XREAD, or on Redis Cluster one per queue.
+
+    On a cluster ``position`` stays put (where queues found later start); ``stream_at`` moves.
+    """
+    if broker.multi_queue_commands:
+        return await _read(broker, queues, position)
+    return await _read_each(broker, queues, position, stream_at), position
+
+
+async def _read_each(
+    broker: RedisBroker, queues: list[str], start: str, stream_at: dict[str, str]
+) -> list[tuple[str, str, dict[bytes, bytes]]]:
+    """Redis Cluster: each queue's stream after its own position; (id, queue, fields) in id order.
+
+    A queue's position is ``stream_at[queue]`` (else ``start``), advanced past what is returned.
+
+    First without blocking, all queues at once; only when none has news, one blocking XREAD per
+    queue until the first answers (the others are cancelled and read again next time).
+    """
+    block_ms = max(1, int(min(1.0, block_slice_s(broker)) * 1000))
+    if not queues:
+        await asyncio.sleep(block_ms / 1000)
+        return []
+    by_key = {broker.queue_keys(name).events: name for name in queues}
+
+    def read(key: str, block: int | None) -> Awaitable[Any]:
+        # The raw command, not client.xread(): that wraps its command in a second coroutine,
+        # which is never awaited (a RuntimeWarning) when the read is cancelled before it runs.
+        after = stream_at.get(by_key[key], start)
+        blocking = () if block is None else ("BLOCK", block)
+        return client.execute_command(
+            "XREAD", "COUNT", READ_COUNT, *blocking, "STREAMS", key, after
+        )
+
+    with broker.boundary("subscribe"):
+        client = broker.redis  # once: a close() between two reads must not strand a coroutine
+        replies: list[Any] = list(await asyncio.gather(*(read(key, None) for key in by_key)))
+        if not any(replies):
+            replies = await _first([read(key, block_ms) for key in by_key])
+    merged: list[tuple[str, str, dict[bytes, bytes]]] = []
+    for reply in replies:
+        for raw_key, items in reply or []:
+            name = by_key[text(raw_key)]
+            merged += [(text(raw_id), name, fields) for raw_id, fields in items]
+            if items:
+                stream_at[name] = text(items[-1][0])
+    merged.sort(key=lambda entry: _id_key(entry[0]))
+    return merged

@@ -54,7 +54,9 @@ async def logs(
         keys = broker.queue_keys(queue)
         end = -1 if limit is None else offset + limit - 1
         async with broker.redis.pipeline(transaction=True) as pipe:
-            pipe.hexists(keys.meta, job_id)
+            # HSTRLEN, not HEXISTS: redis-py's cluster MULTI/EXEC (8.1) fails on HEXISTS's reply
+            # callback; a meta entry is never empty, so a length of 0 means "no such job".
+            pipe.hstrlen(keys.meta, job_id)
             pipe.lrange(keys.log(job_id), offset, end)
             pipe.hget(keys.logmeta, job_id)
             pipe.llen(keys.log(job_id))

@@ -10,12 +10,16 @@ script's work to one small hash field.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Final
 
 import msgspec
 
 from conveyor.codec import Codec
+from conveyor.errors import PayloadError
 from conveyor.job import Job, JobState
+
+logger = logging.getLogger(__name__)
 
 #: Sequence numbers stay below this, so ``rank * RANK_SPAN + seq`` orders by priority then FIFO.
 RANK_SPAN: Final = 1 << 40
@@ -113,7 +117,10 @@ def apply_meta(job: Job, meta: JobMeta) -> Job:
 
 def build_job(codec: Codec, record: bytes, meta: bytes, result: bytes | None = None) -> Job:
     """The full job from its stored parts (record, meta JSON and, if any, encoded result)."""
-    job = apply_meta(codec.decode_job(record), _META_DECODER.decode(meta))
+    job = codec.decode_job_lenient(record)
+    if job is None:
+        raise PayloadError("the stored job record cannot be decoded (not even its id)")
+    job = apply_meta(job, _META_DECODER.decode(meta))
     if result:
         job.result = codec.decode(result)
     return job
@@ -121,9 +128,18 @@ def build_job(codec: Codec, record: bytes, meta: bytes, result: bytes | None = N
 
 def build_jobs(codec: Codec, flat: list[Any]) -> list[Job]:
     """Jobs from a script's flat ``[record, meta, record, meta, ...]`` reply."""
-    decode_job = codec.decode_job
+    decode_job = codec.decode_job_lenient
     decode = _META_DECODER.decode
-    return [apply_meta(decode_job(flat[i]), decode(flat[i + 1])) for i in range(0, len(flat), 2)]
+    jobs = []
+    for i in range(0, len(flat), 2):
+        job = decode_job(flat[i])
+        if job is None:
+            # Not even its id is readable: it cannot be dead-lettered from here. Its lease
+            # expires and the lost-lease limit dead-letters it; the other jobs still run.
+            logger.error("a reserved job record is undecodable; left to its lease expiry")
+            continue
+        jobs.append(apply_meta(job, decode(flat[i + 1])))
+    return jobs
 
 
 def as_str(data: bytes | str) -> msgspec.Raw | str:

@@ -99,7 +99,7 @@ class Scripts:
         self._client = client
         self._timeout_s = timeout_s
         self._sources = load_sources()
-        self._shas = {name: _sha1(source) for name, source in self._sources.items()}
+        self._shas = {name: script_sha(source) for name, source in self._sources.items()}
         pool = client.connection_pool
         self._connection_class = pool.connection_class
         # The lane bounds each call itself, so its connections need no socket timeout (which
@@ -221,7 +221,8 @@ def _bulk(value: Any) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
-def _sha1(source: str) -> str:
+def script_sha(source: str) -> str:
+    """The SHA1 that EVALSHA names a script by."""
     return hashlib.sha1(source.encode()).hexdigest()  # Redis names scripts by their SHA1
 
 

@@ -382,11 +382,12 @@ class SQLiteBroker(Broker):
         cut = None if description is None else str(description)[:_MAX_DESCRIPTION]
         await self._write(False, self._ops.set_progress, lease, clamped, cut)
 
-    async def append_log(self, lease: Lease, lines: Sequence[str]) -> None:
+    async def append_log(self, lease: Lease, lines: Sequence[str], *, dropped: int = 0) -> None:
         """Append log lines to a job (the token is not checked; the job must exist)."""
         if isinstance(lines, str):  # a lone string would otherwise be logged a character per line
             lines = [lines]
-        await self._write(False, self._ops.append_log, lease.job_id, [str(x) for x in lines])
+        texts = [str(x) for x in lines]
+        await self._write(False, self._ops.append_log, lease.job_id, texts, max(0, dropped))
 
     async def logs(self, job_id: str, *, offset: int = 0, limit: int | None = None) -> LogPage:
         """A job's kept log lines from ``offset`` (0 = oldest kept)."""

@@ -84,7 +84,7 @@ def job_from_row(row: tuple[Any, ...], codec: Codec) -> Job:
         lease_expires_ms,
         worker_id,
     ) = row
-    args, kwargs = codec.decode(payload)
+    args, kwargs = codec.decode_payload(payload)
     opts = _options_decoder.decode(options) if options is not None else _NO_OPTIONS
     return Job(
         id=job_id,

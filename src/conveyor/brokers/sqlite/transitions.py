@@ -410,9 +410,15 @@ class Transitions:
             ],
         )
 
-    def append_log(self, conn: sqlite3.Connection, job_id: str, lines: list[str]) -> None:
-        """Append lines, keep the newest ``max_log_lines``, publish one event per line."""
-        row = conn.execute(Q["count_log_lines"], {"id": job_id, "n": len(lines)}).fetchone()
+    def append_log(
+        self, conn: sqlite3.Connection, job_id: str, lines: list[str], dropped: int = 0
+    ) -> None:
+        """Append lines, keep the newest ``max_log_lines``, publish one event per line.
+
+        ``dropped`` lines the caller let go count as logged before ``lines`` (never stored).
+        """
+        n = len(lines) + dropped
+        row = conn.execute(Q["count_log_lines"], {"id": job_id, "n": n}).fetchone()
         if row is None:
             raise error_for_code(ErrorCode.JOB_NOT_FOUND, action="append_log", job_id=job_id)
         total, queue = row

@@ -27,6 +27,7 @@ from conveyor.testing import faults
 from conveyor.testing.chaos import tasks
 from conveyor.testing.faults import Child, FaultProxy, Mode
 from conveyor.testing.ledger import COMMITTED, START, Ledger, Producer, Report, check, read_records
+from conveyor.testing.redis_cluster import RedisCluster
 from conveyor.testing.redis_server import RedisServer
 
 #: Short leases so that crash recovery is seconds; the goal scales with them (plan 7.0).
@@ -36,6 +37,9 @@ HEARTBEAT_S = 0.5
 GRACE_S = 2.0
 FAST_OPTS = ["--lease", str(LEASE_S), "--scan", str(SCAN_S), "--heartbeat", str(HEARTBEAT_S)]
 RECOVERY_GOAL_S = LEASE_S + SCAN_S + 3.0
+#: The worker's defaults (lease 10 s, scan 2 s): the full tier's K1 proves the plan's 15 s goal.
+DEFAULT_LEASE_S, DEFAULT_SCAN_S = 10.0, 2.0
+DEFAULT_RECOVERY_GOAL_S = DEFAULT_LEASE_S + DEFAULT_SCAN_S + 3.0
 UNFINISHED = (JobState.QUEUED, JobState.RUNNING, JobState.SCHEDULED, JobState.PENDING)
 
 
@@ -49,6 +53,8 @@ class Outcome:
     recovery_s: list[float] = field(default_factory=list)
     exit_s: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: Figures worth printing beside the table (the soak's memory and fd trend, say).
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -70,6 +76,7 @@ class Env:
         self.ledger_dir = workdir / "ledger"
         self.outcome = outcome
         self.redis: RedisServer | None = None
+        self.cluster: RedisCluster | None = None
         self.children: list[Child] = []
         self.driver = Ledger(self.ledger_dir, role="driver")
         self.producer = Producer(self.ledger_dir)
@@ -82,6 +89,11 @@ class Env:
             self.redis = RedisServer(appendfsync="always")
             self.redis.start()
             self.url = self.redis.url
+        elif kind == "redis-cluster":
+            # Three masters, so the scenario's queues and the global index span nodes.
+            self.cluster = RedisCluster(appendfsync="always")
+            self.cluster.start()
+            self.url = self.cluster.url
         else:
             raise ValueError(f"unknown broker kind {kind!r}")
 
@@ -100,6 +112,8 @@ class Env:
             child.close()
         if self.redis is not None:
             self.redis.close()
+        if self.cluster is not None:
+            self.cluster.close()
         self.driver.close()
         self.producer.close()
 
@@ -217,22 +231,29 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
 
 
 def k1_sigkill(env: Env, size: int) -> None:
-    """K1: SIGKILL a worker with N jobs in flight, start another; nothing lost, quick recovery."""
+    """K1: SIGKILL a worker with N jobs in flight, start another; nothing lost, quick recovery.
+
+    The fast tier (size 1) uses the short lease; larger sizes (``make chaos``: 1,000 in flight)
+    run the worker with its default lease and scan interval and hold it to the plan's 15 s.
+    """
     n = 50 * size
-    ids = env.enqueue(n, 3.0)
-    conc = ["--concurrency", str(n + 10)]
-    first = env.worker(*FAST_OPTS, *conc)
+    short = size < 4
+    jobs_s = 3.0 if short else 8.0
+    ids = env.enqueue(n, jobs_s)
+    opts = [*(FAST_OPTS if short else []), "--concurrency", str(n + 10)]
+    goal_s = RECOVERY_GOAL_S if short else DEFAULT_RECOVERY_GOAL_S
+    first = env.worker(*opts)
     env.ready(first)
-    wait_until(lambda: len(env.records(START)) >= n, 30, f"{n} jobs in flight")
+    wait_until(lambda: len(env.records(START)) >= n, 30 + n / 50, f"{n} jobs in flight")
     env.driver.record_fault("sigkill", pid=first.pid)
     faults.sigkill(first.pid)
     env.outcome.goal(first.wait_exit(5) is not None, "killed worker did not die")
-    second = env.worker(*FAST_OPTS, *conc)
+    second = env.worker(*opts)
     env.ready(second)
-    wait_until(lambda: env.completed() >= n, 40, "all jobs completed")
+    wait_until(lambda: env.completed() >= n, 40 + goal_s + n / 50, "all jobs completed")
     env.terminate(second, GRACE_S + 8)
     report = env.check()
-    _recovery_goal(env, report)
+    _recovery_goal(env, report, goal_s)
     env.outcome.goal(len(report.dup_exec) <= n, "dup_exec above the jobs in flight at the kill")
     jobs = env.states(ids)
     env.outcome.goal(
@@ -261,12 +282,10 @@ def k2_survivor(env: Env, size: int) -> None:
     _recovery_goal(env, report)
 
 
-def _recovery_goal(env: Env, report: Report) -> None:
+def _recovery_goal(env: Env, report: Report, goal_s: float = RECOVERY_GOAL_S) -> None:
     env.outcome.recovery_s.extend(report.recovery_s)
     worst = max(report.recovery_s, default=0.0)
-    env.outcome.goal(
-        worst <= RECOVERY_GOAL_S, f"recovery {worst:.2f} s > lease+scan+3 = {RECOVERY_GOAL_S} s"
-    )
+    env.outcome.goal(worst <= goal_s, f"recovery {worst:.2f} s > lease+scan+3 = {goal_s} s")
 
 
 # -- S: graceful shutdown --------------------------------------------------------------------------
@@ -472,7 +491,7 @@ Scenario = Callable[[Env, int], None]
 
 #: scenario id -> (function, broker kinds it applies to); the full table is :mod:`.registry`.
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
-    "K1": (k1_sigkill, ("sqlite", "redis")),
+    "K1": (k1_sigkill, ("sqlite", "redis", "redis-cluster")),
     "K2": (k2_survivor, ("sqlite", "redis")),
     "S2": (s2_long_jobs, ("sqlite", "redis")),
     "S6": (s6_idle_sigterm, ("memory", "sqlite", "redis")),

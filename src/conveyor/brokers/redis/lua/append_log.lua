@@ -11,7 +11,8 @@
     ARGV[2]      event retention
     ARGV[3]      job id
     ARGV[4]      max_lines kept
-    ARGV[5..]    lines
+    ARGV[5]      lines the caller already dropped (older than these; counted, never stored)
+    ARGV[6..]    lines
   Events:
     'log' per line
   Output:
@@ -22,7 +23,9 @@
 local id, max_lines = ARGV[3], tonumber(ARGV[4])
 if redis.call('HEXISTS', K_META, id) == 0 then return JOB_NOT_FOUND end
 local log_key = KEYS[16]
-for b = 5, #ARGV do
+local upstream = tonumber(ARGV[5])
+if upstream > 0 then redis.call('HINCRBY', K_LOGMETA, id, upstream) end
+for b = 6, #ARGV do
   redis.call('RPUSH', log_key, ARGV[b])
   emit('log', id, 'l', ARGV[b])
 end
