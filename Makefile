@@ -31,7 +31,7 @@ bench: $(STAMP)
 # Every chaos scenario at full counts, the control-race state machine at length, then a
 # 30-minute soak with periodic worker kills; one table out.
 chaos: $(STAMP)
-	CONVEYOR_HYPOTHESIS_EXAMPLES=40 $(BIN)/python -m pytest -q tests/chaos/test_control_races.py
+	CONVEYOR_HYPOTHESIS_EXAMPLES=20 $(BIN)/python -m pytest -q tests/chaos/test_control_races.py
 	$(BIN)/python -m conveyor.testing.chaos --full --soak-minutes 30 $(CHAOS_ARGS)
 
 # Hypothesis at length, >= 10,000 schemathesis cases (stateful links included) against a real
