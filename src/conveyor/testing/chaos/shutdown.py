@@ -236,10 +236,15 @@ def s4_two_signals(env: Env, size: int) -> None:
 def s5_broker_down(env: Env, size: int) -> None:
     """S5: SIGTERM with the broker unreachable: exit <= grace + 5 s; all done once it is back."""
     ids: list[str] = []
-    for _ in range(size):
-        batch = enqueue_tasks(env, tasks.SLEEP, [30.0], 5)
+    queues: list[str] = []
+    for round_no in range(size):
+        # One queue per round: each job meets the fault once (a job whose worker vanishes three
+        # times is dead-lettered as poison by design; repeating the fault on it tests that).
+        queue = f"s5-{round_no}"
+        queues.append(queue)
+        batch = enqueue_tasks(env, tasks.SLEEP, [30.0], 5, queue=queue)
         ids += batch
-        worker = env.worker(*FAST_OPTS, "--grace", str(GRACE_S))
+        worker = env.worker(*FAST_OPTS, "--grace", str(GRACE_S), "--queues", queue)
         env.ready(worker)
         wait_until(lambda b=batch: _started(env, b), 20, "the jobs running")  # type: ignore[misc]
         with _broker_unreachable(env):
@@ -249,7 +254,7 @@ def s5_broker_down(env: Env, size: int) -> None:
                 exit_s <= GRACE_S + 5, f"exit {exit_s:.2f} s > grace+5 = {GRACE_S + 5} s"
             )
         worker.close()
-    _drain(env, ids, "default", processes=False)
+    _drain(env, ids, ",".join(queues), processes=False)
     env.check()
 
 
