@@ -392,6 +392,28 @@ async def test_process_job_returns_its_result_from_a_child(make_pool: Any) -> No
     assert pool.free_slots == 2
 
 
+async def test_children_run_at_a_lower_cpu_priority_and_so_do_their_replacements(
+    make_pool: Any,
+) -> None:
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    pool = await make_pool(2)
+    assert pool.nice == 10
+    expected = min(19, mine + 10)
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pool.pids] == [expected, expected]
+    victim = pool.pids[0]
+    os.kill(victim, signal.SIGKILL)
+    await wait_until(lambda: len(pool.pids) == 2 and victim not in pool.pids, 15)
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pool.pids] == [expected, expected]
+    same = await make_pool(1, nice=0)
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in same.pids] == [mine]
+
+
+@pytest.mark.parametrize("nice", [-1, 20, 2.5, True, "10"])
+def test_a_nice_outside_0_to_19_is_a_configuration_error(nice: Any) -> None:
+    with pytest.raises(ConfigurationError, match="nice must be an integer from 0"):
+        ProcessExecutor(1, nice=nice)
+
+
 async def test_process_runs_coroutines_nested_and_undecorated_functions(make_pool: Any) -> None:
     pool = await make_pool(1)
     async with asyncio.timeout(10):

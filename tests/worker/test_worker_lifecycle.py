@@ -41,6 +41,8 @@ def test_bad_options_are_refused_with_a_clear_error() -> None:
         Worker(app, concurrency={"gpu": 3})
     with pytest.raises(ConfigurationError, match="lease_s"):
         Worker(app, lease_s=0)
+    with pytest.raises(ConfigurationError, match="process_nice must be an integer from 0"):
+        Worker(app, process_nice=20)
 
 
 async def test_stop_is_idempotent_and_returns_the_same_awaitable(url_for: Any) -> None:

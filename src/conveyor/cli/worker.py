@@ -86,6 +86,13 @@ def _configure_logging(verbose: int, level: str | None) -> None:
 @click.option("--thread-concurrency", type=click.IntRange(min=1), help="Threads in the pool.")
 @click.option("--process-concurrency", type=click.IntRange(min=1), help="Processes in the pool.")
 @click.option(
+    "--process-nice",
+    type=click.IntRange(min=0, max=19),
+    default=10,
+    show_default=True,
+    help="How much lower the process children's CPU priority is than the worker's (0: same).",
+)
+@click.option(
     "--grace-period",
     type=click.FloatRange(min=0),
     default=10.0,
@@ -118,6 +125,7 @@ def worker(
     async_concurrency: int | None,
     thread_concurrency: int | None,
     process_concurrency: int | None,
+    process_nice: int,
     grace_period: float,
     lease: float,
     burst: bool,
@@ -162,6 +170,7 @@ def worker(
         "grace_period_s": grace_period,
         "burst": burst,
         "install_signals": True,
+        "process_nice": process_nice,
     }
     if concurrency:
         options["concurrency"] = concurrency

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.context import JobContext, current_context
 from conveyor.errors import ConfigurationError
@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from conveyor.worker.process_pool import ProcessExecutor
 
 log = logging.getLogger(__name__)
+
+#: How much lower than the worker's a process child's CPU priority is, by default (see
+#: :class:`~conveyor.worker.process_pool.ProcessExecutor`: the worker's event loop must win).
+DEFAULT_PROCESS_NICE: Final = 10
 
 __all__ = ["AsyncExecutor", "ProcessExecutor", "ThreadExecutor", "make_executor"]
 
@@ -455,10 +459,17 @@ class ThreadExecutor(BaseExecutor):
             )
 
 
-def make_executor(kind: str, concurrency: int, *, preload: Sequence[str] = ()) -> Executor:
+def make_executor(
+    kind: str,
+    concurrency: int,
+    *,
+    preload: Sequence[str] = (),
+    process_nice: int = DEFAULT_PROCESS_NICE,
+) -> Executor:
     """Build the executor for ``kind`` (``async``, ``thread`` or ``process``).
 
-    ``preload`` names modules each process child imports when it starts (ignored otherwise).
+    ``preload`` names modules each process child imports when it starts, and ``process_nice``
+    how much lower the children's CPU priority is than the worker's (both ignored otherwise).
     """
     if kind == "async":
         return AsyncExecutor(concurrency)
@@ -467,5 +478,5 @@ def make_executor(kind: str, concurrency: int, *, preload: Sequence[str] = ()) -
     if kind == "process":
         from conveyor.worker.process_pool import ProcessExecutor
 
-        return ProcessExecutor(concurrency, preload=preload)
+        return ProcessExecutor(concurrency, preload=preload, nice=process_nice)
     raise ConfigurationError(f"executor kind must be 'async', 'thread' or 'process', got {kind!r}")

@@ -35,7 +35,7 @@ import msgspec
 from conveyor.context import JobContext, current_context
 from conveyor.errors import ConfigurationError
 from conveyor.worker import child as wire
-from conveyor.worker.executors import BaseExecutor, timeout_message
+from conveyor.worker.executors import DEFAULT_PROCESS_NICE, BaseExecutor, timeout_message
 from conveyor.worker.interfaces import JobTimeoutError, RemoteError, WorkerLostError
 
 if TYPE_CHECKING:
@@ -143,6 +143,12 @@ class ProcessExecutor(BaseExecutor):
             does not pay for the import).
         term_grace_s: how long a child gets between SIGTERM and SIGKILL when its job is stopped.
         start_timeout_s: how long :meth:`start` waits for the children to be ready.
+        nice: how much lower than the parent's the children's CPU priority is (0 to 19; 0 keeps
+            the parent's). The parent's event loop renews leases and starts and commits every
+            job: when children compete with it for the CPU (CPU-bound jobs on every core, or a
+            child being respawned - an interpreter start - while jobs run), it must win, or its
+            heartbeats run late and other jobs slow down. On an otherwise idle machine the
+            children still get all the CPU the parent does not use.
     """
 
     kind = "process"
@@ -154,8 +160,14 @@ class ProcessExecutor(BaseExecutor):
         preload: Sequence[str] = (),
         term_grace_s: float = DEFAULT_TERM_GRACE_S,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        nice: int = DEFAULT_PROCESS_NICE,
     ) -> None:
         super().__init__(concurrency)
+        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+            raise ConfigurationError(
+                f"nice must be an integer from 0 (the parent's priority) to 19, got {nice!r}"
+            )
+        self.nice = nice
         self._mp = multiprocessing.get_context("spawn")
         self._preload = list(preload)
         self._term_grace_s = term_grace_s
@@ -224,6 +236,7 @@ class ProcessExecutor(BaseExecutor):
             daemon=False,
         )
         process.start()
+        self._lower_priority(process.pid)
         child_conn.close()  # only the child holds its end now, so its death reads as EOF here
         sock = socket.socket(fileno=os.dup(parent_conn.fileno()))
         parent_conn.close()
@@ -234,6 +247,17 @@ class ProcessExecutor(BaseExecutor):
         self._loop.add_reader(process.sentinel, self._on_sentinel, child)
         log.debug("spawned process child %d", child.pid)
         return child
+
+    def _lower_priority(self, pid: int | None) -> None:
+        # Set from the parent, right after the fork: the child's interpreter start and imports,
+        # its most CPU-hungry moment, already run at the lower priority.
+        if not self.nice or pid is None or not hasattr(os, "setpriority"):
+            return
+        try:
+            mine = os.getpriority(os.PRIO_PROCESS, 0)
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, mine + self.nice))
+        except OSError as exc:  # the child already died (reaped as usual), or a sandbox forbids it
+            log.debug("could not lower the priority of process child %s: %s", pid, exc)
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stop the children within about ``timeout_s``: a stop message, then SIGTERM/SIGKILL.

@@ -29,6 +29,7 @@ from conveyor.job import validate_queue_name
 from conveyor.metrics import Metrics
 from conveyor.task import EXECUTOR_KINDS
 from conveyor.worker.committer import Committer
+from conveyor.worker.executors import DEFAULT_PROCESS_NICE
 from conveyor.worker.fetcher import Fetcher, Slots
 from conveyor.worker.heartbeat import Heartbeat, LoopMonitor, heartbeat_broker_factory
 from conveyor.worker.leases import HeldJobs
@@ -80,6 +81,9 @@ class Worker:
         callback_timeout_s: the bound on each on_success/on_failure callback.
         capture_logs: copy ``logging`` records emitted inside a job into the job's log (see
             :mod:`conveyor.worker.capture`; lowers the root logger to INFO while running).
+        process_nice: how much lower than the worker's the process children's CPU priority is
+            (0-19, default 10; 0 keeps the worker's), so that the event loop renewing leases
+            and starting jobs is never starved by them.
     """
 
     #: Leases are renewed, and revoked ones (cancel, delete) noticed, this often by default.
@@ -103,6 +107,7 @@ class Worker:
         install_signals: bool = False,
         callback_timeout_s: float = 10.0,
         capture_logs: bool = True,
+        process_nice: int = DEFAULT_PROCESS_NICE,
     ) -> None:
         _check_positive(lease_s=lease_s, heartbeat_s=heartbeat_s, scan_interval_s=scan_interval_s)
         if heartbeat_s >= lease_s:
@@ -164,6 +169,16 @@ class Worker:
         self.install_signals = install_signals
         self.callback_timeout_s = callback_timeout_s
         self.capture_logs = capture_logs
+        if (
+            isinstance(process_nice, bool)
+            or not isinstance(process_nice, int)
+            or not 0 <= process_nice <= 19
+        ):
+            raise ConfigurationError(
+                f"process_nice must be an integer from 0 (the worker's own CPU priority) to 19, "
+                f"got {process_nice!r}"
+            )
+        self.process_nice = process_nice
         self.metrics = Metrics(self.worker_id)
         self._state = "new"
         self._executors: dict[str, Executor] = {}
@@ -341,7 +356,9 @@ class Worker:
             }
         )
         for kind in self.kinds:
-            self._executors[kind] = make_executor(kind, self.concurrency[kind], preload=preload)
+            self._executors[kind] = make_executor(
+                kind, self.concurrency[kind], preload=preload, process_nice=self.process_nice
+            )
         await asyncio.gather(*(ex.start() for ex in self._executors.values()))
         for name, ex in self._executors.items():
             self.metrics.bind_executor(name, ex.concurrency, functools.partial(_busy, ex))

@@ -126,10 +126,11 @@ def p1_poison_storm(env: Env, size: int) -> None:
     storm = sum(1 for t in t_ends if t_storm <= t < storm_to) / max(storm_to - t_storm, 1e-3)
     ratio = storm / base if base else 0.0
     env.outcome.recovery_s.append(round(ratio, 3))  # shown in the table's figure column
-    # The plan's 80 % needs windows of several seconds on an otherwise idle machine: each respawn
-    # is a CPU-bound interpreter start on the same 2 cores. The fast tier's windows are about a
-    # second and share the machine with the rest of the suite (measured 35-190 % there), so it
-    # only asserts "no stall": a stalled queue measured ~7 %.
+    # Each respawn is a CPU-bound interpreter start on the same 2 cores; it runs at the children's
+    # lower priority (ProcessExecutor's nice), so the worker's loop keeps its pace (at equal
+    # priority the full size measured 59-75 %). The fast tier's windows are about a second and
+    # share the machine with the rest of the suite, so it only asserts "no stall": a stalled
+    # queue measured ~7 %.
     floor = 0.8 if size > 1 else 0.25
     env.outcome.goal(
         ratio >= floor,
